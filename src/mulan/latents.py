@@ -1,0 +1,180 @@
+"""The auxiliary latent ``z`` of MuLAN: posteriors ``q(z | x)``, priors ``p(z)`` and their KL terms (MATH.md 3).
+
+A latent is built as ``Latent(image_shape, **options)`` and called on images ``x`` in [-1, 1], (B, C, H, W):
+it returns a :class:`LatentSample` with ``z`` (B, m) and two KL costs per example in nats. ``kl`` enters the
+bound; ``kl_surrogate`` is what the MuLAN reference code charges, kept to compare with the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mulan.networks import AttentionBlock, ResnetBlock, group_norm
+from mulan.schedules import ImageShape
+
+
+@dataclass
+class LatentSample:
+    """``z``: (B, m) or None; ``kl``: (B,) nats in the bound; ``kl_surrogate``: (B,) nats, for comparison."""
+
+    z: Tensor | None
+    kl: Tensor
+    kl_surrogate: Tensor
+
+
+class Latent(nn.Module):
+    """Base class: ``dim`` is the size of ``z`` (0: no latent)."""
+
+    dim: int = 0
+
+    def forward(self, x: Tensor) -> LatentSample:
+        raise NotImplementedError
+
+    def sample_prior(self, batch_size: int, device: torch.device | None = None) -> Tensor | None:
+        """``z ~ p(z)``: (B, m), or None without a latent."""
+        raise NotImplementedError
+
+
+class NoLatent(Latent):
+    """VDM: no latent; both KL terms are zero."""
+
+    def __init__(self, image_shape: ImageShape) -> None:
+        super().__init__()
+
+    def forward(self, x: Tensor) -> LatentSample:
+        zeros = x.new_zeros(x.shape[0], dtype=torch.float32)
+        return LatentSample(None, zeros, zeros)
+
+    def sample_prior(self, batch_size: int, device: torch.device | None = None) -> Tensor | None:
+        return None
+
+
+class ImageEncoder(nn.Module):
+    """MuLAN's encoder network: conv-in, ResNet blocks (no down-sampling), ResNet-attention-ResNet,
+    conv-out to one channel, flatten, dense to ``outputs`` logits. (B, C, H, W) -> (B, outputs)."""
+
+    def __init__(self, image_shape: ImageShape, outputs: int, channels: int = 64, num_blocks: int = 4) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(ResnetBlock(channels, channels) for _ in range(num_blocks))
+        self.mid = nn.ModuleList([ResnetBlock(channels, channels), AttentionBlock(channels), ResnetBlock(channels, channels)])
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, 1, 3, padding=1)
+        self.dense = nn.Linear(h * w, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for layer in [*self.blocks, *self.mid]:
+            h = layer(h)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return self.dense(h.flatten(1)).float()
+
+
+def sum_of_gamma_noise(shape: torch.Size, k: int, tau: float = 10.0, s: int = 10, device=None) -> Tensor:
+    """``eta = (tau / k) [sum_{i=1..s} G_i - log s]``, ``G_i ~ Gamma(shape 1/k, scale i/k)``."""
+    i = torch.arange(1, s + 1, device=device, dtype=torch.float32)
+    gamma = torch.distributions.Gamma(torch.full_like(i, 1.0 / k), k / i)  # rate = 1 / scale
+    return (tau / k) * (gamma.sample(shape).sum(-1) - math.log(s))
+
+
+def khot(logits: Tensor, k: int) -> Tensor:
+    """Hard top-``k`` indicator of the last dimension, same shape and dtype as ``logits``."""
+    return torch.zeros_like(logits).scatter_(-1, logits.topk(k, dim=-1).indices, 1.0)
+
+
+def log_binomial(m: int, k: int) -> float:
+    """``log C(m, k)`` in nats."""
+    return math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1)
+
+
+class KHotLatent(Latent):
+    """``z`` in ``{0, 1}^m`` with exactly ``k`` ones; prior uniform over all k-hot vectors.
+
+    Training samples perturb the encoder logits with Sum-of-Gamma (default) or Gumbel noise, centre them, and
+    take the top-``k`` indicator; gradients flow by "identity with projection":
+    ``z = stopgrad(hard - soft) + soft`` with ``soft = l~ / ||l~||``.
+
+    ``kl`` is ``log C(m, k)``: an upper bound on ``KL(q || p)`` for any posterior over k-hot vectors, exact for a
+    deterministic one, so the bound stays a bound. ``kl_surrogate`` is the reference code's
+    ``KL(softmax(l) || Uniform(m))`` (at most ``log m``), which is not the KL of the k-hot posterior.
+
+    Args:
+        noise: ``"sum_of_gamma"`` or ``"gumbel"``: the perturbation while training.
+        deterministic_eval: in eval mode take the top-``k`` of the unperturbed logits.
+    """
+
+    def __init__(
+        self,
+        image_shape: ImageShape,
+        m: int = 50,
+        k: int = 15,
+        noise: str = "sum_of_gamma",
+        tau: float = 10.0,
+        s: int = 10,
+        channels: int = 64,
+        num_blocks: int = 4,
+        deterministic_eval: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 < k < m:
+            raise ValueError(f"need 0 < k < m for a k-hot latent, got m={m}, k={k}.")
+        if noise not in ("sum_of_gamma", "gumbel"):
+            raise ValueError(f"noise must be 'sum_of_gamma' or 'gumbel', got {noise!r}.")
+        self.dim, self.k, self.noise, self.tau, self.s = m, k, noise, tau, s
+        self.deterministic_eval = deterministic_eval
+        self.encoder = ImageEncoder(image_shape, m, channels, num_blocks)
+
+    def perturb(self, logits: Tensor) -> Tensor:
+        if self.noise == "gumbel":
+            u = torch.rand_like(logits).clamp_(1e-10, 1.0)
+            return logits - torch.log(-torch.log(u))
+        return logits + sum_of_gamma_noise(logits.shape, self.k, self.tau, self.s, logits.device)
+
+    def straight_through(self, logits: Tensor) -> Tensor:
+        """Hard top-k forward, identity-with-projection backward: (B, m) -> (B, m)."""
+        centred = logits - logits.mean(-1, keepdim=True)
+        soft = centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (khot(centred, self.k) - soft).detach() + soft
+
+    def forward(self, x: Tensor) -> LatentSample:
+        logits = self.encoder(x)
+        if self.training or not self.deterministic_eval:
+            logits_t = self.perturb(logits)
+        else:
+            logits_t = logits
+        z = self.straight_through(logits_t)
+        kl = logits.new_full((x.shape[0],), log_binomial(self.dim, self.k))
+        surrogate = (F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1) + math.log(self.dim)
+        return LatentSample(z, kl, surrogate)
+
+    def sample_prior(self, batch_size: int, device: torch.device | None = None) -> Tensor:
+        return khot(torch.randn(batch_size, self.dim, device=device), self.k)
+
+
+class GaussianLatent(Latent):
+    """``q(z | x) = N(mu(x), diag exp(log_var(x)))``, prior ``N(0, I)``, reparameterised; analytic KL."""
+
+    def __init__(self, image_shape: ImageShape, m: int = 50, channels: int = 64, num_blocks: int = 4) -> None:
+        super().__init__()
+        self.dim = m
+        self.encoder = ImageEncoder(image_shape, 2 * m, channels, num_blocks)
+
+    def forward(self, x: Tensor) -> LatentSample:
+        mu, log_var = self.encoder(x).chunk(2, dim=-1)
+        z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+        kl = 0.5 * (mu.square() + log_var.exp() - log_var - 1).sum(-1)
+        return LatentSample(z, kl, kl)
+
+    def sample_prior(self, batch_size: int, device: torch.device | None = None) -> Tensor:
+        return torch.randn(batch_size, self.dim, device=device)
+
+
+LatentFactory = Callable[[ImageShape], Latent]
+"""What a config gives for a latent: a class (plus options) called with ``image_shape``."""

@@ -1,0 +1,143 @@
+"""The LightningModule: components in, bits/dim out. It wires training, logging and optimisation only;
+the model is :class:`mulan.model.DiffusionModel` (pure torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from mulan.latents import LatentFactory, NoLatent
+from mulan.lightning.metrics import MeanStdErr
+from mulan.lightning.optim import AdamW, LinearWarmup
+from mulan.model import DiffusionModel, ELBOTerms
+from mulan.networks import DenoiserFactory, UNet
+from mulan.schedules import FixedLinear, ImageShape, ScheduleFactory
+
+TERMS = ("total", "recon", "prior", "diffusion", "latent", "latent_surrogate")
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains a VDM or MuLAN model on uint8 images by minimising the bound in bits/dim.
+
+    Components are factories (a class plus its options in the config), called with the data's shape:
+
+    Args:
+        image_shape: ``(C, H, W)``; the CLI links it from ``data.image_shape``.
+        denoiser: called as ``denoiser(image_shape, latent_dim)``.
+        schedule: called as ``schedule(image_shape, latent_dim)``.
+        latent: called as ``latent(image_shape)``; ``NoLatent`` for VDM.
+        timesteps: 0 for continuous time, ``T`` for the ``T``-step loss.
+        optimizer: called with the parameter groups (default: AdamW, lr 2e-4, betas (0.9, 0.99), wd 0.01;
+            biases and normalisation scales are never decayed).
+        lr_scheduler: called with the optimiser, stepped every optimiser step (default: 100-step warm-up).
+        schedule_lr: learning rate of the schedule and latent encoder parameters (default: the optimiser's).
+        schedule_weight_decay: their weight decay (default: the optimiser's; biases are never decayed).
+    """
+
+    def __init__(
+        self,
+        image_shape: ImageShape = (3, 32, 32),
+        denoiser: DenoiserFactory = UNet,
+        schedule: ScheduleFactory = FixedLinear,
+        latent: LatentFactory = NoLatent,
+        timesteps: int = 0,
+        optimizer: OptimizerCallable = AdamW,
+        lr_scheduler: LRSchedulerCallable = LinearWarmup,
+        schedule_lr: float | None = None,
+        schedule_weight_decay: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        image_shape = tuple(int(s) for s in image_shape)
+        latent_module = latent(image_shape)
+        self.model = DiffusionModel(
+            image_shape,
+            schedule=schedule(image_shape, latent_module.dim),
+            denoiser=denoiser(image_shape, latent_module.dim),
+            latent=latent_module,
+            timesteps=timesteps,
+        )
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.schedule_lr, self.schedule_weight_decay = schedule_lr, schedule_weight_decay
+        self.meters = nn.ModuleDict({f"{stage}_bpd": MeanStdErr(len(TERMS)) for stage in ("train", "val", "test")})
+        self.test_results: dict[str, tuple[float, float]] = {}
+
+    # ----------------------------------------------------------------------------------------- steps
+    def forward(self, images: Tensor) -> ELBOTerms:
+        """The per-example bound terms (nats) of uint8 images (B, C, H, W)."""
+        return self.model(images)
+
+    def _bpd_terms(self, images: Tensor) -> Tensor:
+        """(B, len(TERMS)) bits/dim per example, in the order of ``TERMS``."""
+        terms = self.model(images).as_dict()
+        return self.model.bpd(torch.stack([terms[name] for name in TERMS], dim=1))
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        bpd = self._bpd_terms(batch)
+        loss = bpd[:, 0].mean()
+        if not torch.isfinite(loss):
+            bad = {n: v for n, v in zip(TERMS, bpd.mean(0).tolist(), strict=True)}
+            raise FloatingPointError(
+                f"non-finite loss at global step {self.global_step} (bits/dim per term: {bad}); training "
+                "stopped. The last good checkpoint is kept; lower the learning rate or check the data."
+            )
+        self.meters["train_bpd"].update(bpd)
+        self.log("train/bpd_step", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.meters["val_bpd"].update(self._bpd_terms(batch))
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.meters["test_bpd"].update(self._bpd_terms(batch))
+
+    def _log_epoch(self, stage: str) -> dict[str, tuple[float, float]]:
+        meter = self.meters[f"{stage}_bpd"]
+        mean, stderr = meter.compute()
+        meter.reset()
+        results = {n: (float(m), float(s)) for n, m, s in zip(TERMS, mean, stderr, strict=True)}
+        self.log_dict({f"{stage}/bpd" if n == "total" else f"{stage}/{n}_bpd": m for n, (m, _) in results.items()})
+        self.log(f"{stage}/bpd_stderr", results["total"][1])
+        return results
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_epoch("test")
+        lines = [f"{'term':<18}{'bits/dim':>12}{'std. err.':>12}"]
+        lines += [f"{n:<18}{m:>12.4f}{s:>12.4f}" for n, (m, s) in self.test_results.items()]
+        rank_zero_info("Test bound (one-sample ELBO per image; 'total' uses the honest latent KL):\n" + "\n".join(lines))
+
+    # ----------------------------------------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict]:
+        """Denoiser and schedule+encoder parameters, each split into decayed (weights) and not decayed (biases,
+        normalisation scales and other vectors or scalars)."""
+
+        def split(params: Iterator[nn.Parameter], **options) -> list[dict]:
+            params = [p for p in params if p.requires_grad]
+            decay = [p for p in params if p.ndim >= 2]
+            keep = [p for p in params if p.ndim < 2]
+            return [{"params": decay, **options}, {"params": keep, **options, "weight_decay": 0.0}]
+
+        aux_options = {}
+        if self.schedule_lr is not None:
+            aux_options["lr"] = self.schedule_lr
+        if self.schedule_weight_decay is not None:
+            aux_options["weight_decay"] = self.schedule_weight_decay
+        aux = [*self.model.schedule.parameters(), *self.model.latent.parameters()]
+        groups = split(self.model.denoiser.parameters()) + split(iter(aux), **aux_options)
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

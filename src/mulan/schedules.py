@@ -1,0 +1,235 @@
+"""Noise schedules: ``gamma(t, z)``, the negative log-SNR, and its time derivative (MATH.md section 2).
+
+Every schedule is an ``nn.Module`` built as ``Schedule(image_shape, latent_dim, **options)`` and called as
+``schedule(t, z) -> (gamma, dgamma_dt)`` with ``t`` of shape ``(B,)`` in ``[0, 1]`` and ``z`` of shape
+``(B, latent_dim)`` (or ``None``). Both outputs are float32 and broadcastable to the data ``(B, C, H, W)``:
+``(B, 1, 1, 1)`` for a scalar schedule, ``(B, C, H, W)`` for a multivariate one. ``gamma`` increases in ``t``;
+``sigma^2 = sigmoid(gamma)``, ``alpha^2 = sigmoid(-gamma)``, ``SNR = exp(-gamma)``.
+
+All schedules compute in float32 with autocast disabled (MATH.md section 8), and ``dgamma_dt`` is analytic:
+no autograd is needed for it in the training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mulan.utils import float32_region
+
+GAMMA_MIN = -13.3
+GAMMA_MAX = 5.0
+
+ImageShape = tuple[int, int, int]
+
+
+class NoiseSchedule(nn.Module):
+    """Base class. Subclasses implement :meth:`gamma_and_derivative` on float32 inputs.
+
+    Attributes:
+        multivariate: ``True`` when ``gamma`` has one value per data dimension.
+        fixed_endpoints: ``True`` when ``gamma(0) = gamma_min`` and ``gamma(1) = gamma_max`` for every ``z``;
+            then the reconstruction and prior terms do not depend on the schedule.
+    """
+
+    multivariate: bool = False
+    fixed_endpoints: bool = True
+
+    def __init__(self, image_shape: ImageShape, latent_dim: int, gamma_min: float, gamma_max: float) -> None:
+        super().__init__()
+        if not gamma_min < gamma_max:
+            raise ValueError(f"gamma_min ({gamma_min}) must be smaller than gamma_max ({gamma_max}).")
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        self.gamma_min = float(gamma_min)
+        self.gamma_max = float(gamma_max)
+
+    def forward(self, t: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``t``: (B,) times in [0, 1]; ``z``: (B, m) or None. Returns float32 ``(gamma, dgamma_dt)``."""
+        with float32_region(t):
+            return self.gamma_and_derivative(t.float().reshape(-1, 1, 1, 1), z)
+
+    def gamma(self, t: Tensor, z: Tensor | None = None) -> Tensor:
+        """``gamma(t, z)`` alone, shape as :meth:`forward`."""
+        return self(t, z)[0]
+
+    def endpoints(self, z: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``(gamma(0, z), gamma(1, z))``, each broadcastable to the data, float32."""
+        device = self._device()
+        if self.fixed_endpoints:
+            const = torch.ones(batch_size, 1, 1, 1, device=device)
+            return const * self.gamma_min, const * self.gamma_max
+        zeros = torch.zeros(batch_size, device=device)
+        return self.gamma(zeros, z), self.gamma(zeros + 1, z)
+
+    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``t``: float32 (B, 1, 1, 1). Implemented by subclasses."""
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        b = next(self.buffers(), None)
+        return p.device if p is not None else (b.device if b is not None else torch.device("cpu"))
+
+
+class FixedLinear(NoiseSchedule):
+    """VDM's fixed linear schedule ``gamma = gamma_min + (gamma_max - gamma_min) t``."""
+
+    def __init__(
+        self, image_shape: ImageShape, latent_dim: int, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
+    ) -> None:
+        super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # tracks the device
+
+    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+        slope = self.gamma_max - self.gamma_min
+        return self.gamma_min + slope * t, torch.full_like(t, slope)
+
+
+class LearnedScalar(NoiseSchedule):
+    """VDM's learned linear schedule ``gamma = b + |w| t`` (learned endpoints ``b`` and ``b + |w|``)."""
+
+    fixed_endpoints = False
+
+    def __init__(
+        self, image_shape: ImageShape, latent_dim: int, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
+    ) -> None:
+        super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
+        self.b = nn.Parameter(torch.tensor(self.gamma_min))
+        self.w = nn.Parameter(torch.tensor(self.gamma_max - self.gamma_min))
+
+    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+        slope = self.w.float().abs()
+        return self.b.float() + slope * t, slope.expand_as(t)
+
+
+class MonotoneNN(NoiseSchedule):
+    """VDM appendix H: ``g(t) = l1(t) + l3(phi(l2(t)))`` with non-negative weights, normalised to its endpoints.
+
+    ``gamma = gamma_0 + (gamma_1 - gamma_0) (g(t) - g(0)) / (g(1) - g(0))`` with learned endpoints
+    ``gamma_0`` and ``gamma_1 = gamma_0 + |delta|``. The public VDM code omits this normalisation, so its
+    endpoints drift with the interior weights; here they move only when ``gamma_0``, ``delta`` are trained.
+    Set ``learn_endpoints=False`` to keep them at ``gamma_min``, ``gamma_max``.
+    """
+
+    def __init__(
+        self,
+        image_shape: ImageShape,
+        latent_dim: int,
+        gamma_min: float = GAMMA_MIN,
+        gamma_max: float = GAMMA_MAX,
+        features: int = 1024,
+        learn_endpoints: bool = True,
+    ) -> None:
+        super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
+        self.fixed_endpoints = not learn_endpoints
+        self.features = features
+        self.w1 = nn.Parameter(torch.tensor(1.0))
+        self.b1 = nn.Parameter(torch.tensor(0.0))
+        self.w2 = nn.Parameter(torch.randn(features))
+        self.b2 = nn.Parameter(torch.randn(features))
+        self.w3 = nn.Parameter(torch.randn(features) / features)
+        self.gamma_0 = nn.Parameter(torch.tensor(self.gamma_min), requires_grad=learn_endpoints)
+        self.delta = nn.Parameter(torch.tensor(self.gamma_max - self.gamma_min), requires_grad=learn_endpoints)
+
+    def _unnormalised(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``g(t)`` and ``g'(t)`` for t of shape (N, 1)."""
+        w2, w3 = self.w2.float().abs(), self.w3.float().abs()
+        h = (2 * t - 1) * w2 + self.b2.float()  # (N, F); input mapped to [-1, 1] as in VDM
+        s = torch.sigmoid(h)
+        g = self.w1.float().abs() * t + self.b1.float() + (2 * (s - 0.5)) @ w3[:, None]
+        dg = self.w1.float().abs() + (2 * s * (1 - s) * 2 * w2) @ w3[:, None]
+        return g, dg
+
+    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+        ends = torch.tensor([[0.0], [1.0]], device=t.device)
+        g, dg = self._unnormalised(torch.cat([t.reshape(-1, 1), ends]))
+        g_t, dg_t, g0, g1 = g[:-2], dg[:-2], g[-2], g[-1]
+        gamma_0, span = self.gamma_0.float(), self.delta.float().abs()
+        gamma = gamma_0 + span * (g_t - g0) / (g1 - g0)
+        return gamma.reshape(t.shape), (span * dg_t / (g1 - g0)).reshape(t.shape)
+
+    def endpoints(self, z: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
+        const = torch.ones(batch_size, 1, 1, 1, device=self.w1.device)
+        gamma_0 = self.gamma_0.float()
+        return const * gamma_0, const * (gamma_0 + self.delta.float().abs())
+
+
+class Polynomial(NoiseSchedule):
+    """MuLAN's multivariate schedule: per-dimension polynomial conditioned on the latent ``z``.
+
+    A network maps ``z`` (B, m) to ``a, b, c`` (each (B, C, H, W)); with
+    ``f(t) = a^2 t^5/5 + a b t^4/2 + (b^2 + 2ac) t^3/3 + b c t^2 + c^2 t = int_0^t (a s^2 + b s + c)^2 ds``,
+    ``gamma = gamma_min + (gamma_max - gamma_min) f(t) / f(1)`` and
+    ``dgamma/dt = (gamma_max - gamma_min) (a t^2 + b t + c)^2 / f(1)``.
+    Monotone by construction; ``gamma(0) = gamma_min`` and ``gamma(1) = gamma_max`` exactly for every ``z``.
+
+    Args:
+        hidden: width of the two hidden layers (reference: the data dimension ``D``; ``None`` means ``D``).
+        reduce: ``"none"`` (multivariate), or ``"mean"``: the per-dimension ``gamma`` averaged over dimensions
+            (the paper's scalar ablation; still adaptive to ``z``).
+        latent_dim: input size; ``0`` means no latent: the network sees a constant input (the paper's
+            "multivariate, learned, not adaptive" ablation).
+    """
+
+    multivariate = True
+
+    def __init__(
+        self,
+        image_shape: ImageShape,
+        latent_dim: int,
+        gamma_min: float = GAMMA_MIN,
+        gamma_max: float = GAMMA_MAX,
+        hidden: int | None = None,
+        reduce: str = "none",
+    ) -> None:
+        super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
+        if reduce not in ("none", "mean"):
+            raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}.")
+        self.reduce = reduce
+        self.multivariate = reduce == "none"
+        dim = int(torch.tensor(image_shape).prod())
+        hidden = hidden or dim
+        self.net = nn.Sequential(
+            nn.Linear(max(latent_dim, 1), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
+        self.head_a, self.head_b, self.head_c = (nn.Linear(hidden, dim) for _ in range(3))
+        nn.init.zeros_(self.head_a.weight)
+        nn.init.zeros_(self.head_a.bias)
+
+    def coefficients(self, z: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``a, b, c`` of shape (B, C, H, W), float32; ``c >= 1e-3``."""
+        if self.latent_dim == 0 or z is None:
+            z = torch.ones(batch_size, max(self.latent_dim, 1), device=self.head_a.weight.device)
+        h = self.net(z.float())
+        shape = (-1, *self.image_shape)
+        a, b = self.head_a(h).view(shape), self.head_b(h).view(shape)
+        c = 1e-3 + F.softplus(self.head_c(h)).view(shape)
+        return a, b, c
+
+    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+        a, b, c = self.coefficients(z, t.shape[0])
+        f_t = _poly_integral(a, b, c, t)
+        f_1 = _poly_integral(a, b, c, torch.ones_like(t))
+        span = self.gamma_max - self.gamma_min
+        gamma = self.gamma_min + span * f_t / f_1
+        dgamma = span * (a * t**2 + b * t + c) ** 2 / f_1
+        if self.reduce == "mean":
+            return gamma.mean((1, 2, 3), keepdim=True), dgamma.mean((1, 2, 3), keepdim=True)
+        return gamma, dgamma
+
+    def endpoints(self, z: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
+        const = torch.ones(batch_size, 1, 1, 1, device=self.head_a.weight.device)
+        return const * self.gamma_min, const * self.gamma_max
+
+
+def _poly_integral(a: Tensor, b: Tensor, c: Tensor, t: Tensor) -> Tensor:
+    """``int_0^t (a s^2 + b s + c)^2 ds``, element-wise (Horner form)."""
+    return t * (c**2 + t * (b * c + t * ((b**2 + 2 * a * c) / 3 + t * (a * b / 2 + t * a**2 / 5))))
+
+
+ScheduleFactory = Callable[[ImageShape, int], NoiseSchedule]
+"""What a config gives for a schedule: a class (plus options) called with ``(image_shape, latent_dim)``."""
