@@ -30,13 +30,14 @@ def load_checkpoint(path: str, error: Any = None) -> dict[str, Any]:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln), str(exc)[:200])
+        if "global" in detail.lower():
             fail(
                 f"checkpoint {path!r} was refused: it holds pickled Python objects beyond tensors and plain "
                 "containers, and mulan loads checkpoints with weights_only=True so that no code inside runs. "
-                f"Only load checkpoints you trust, re-saved as plain state ({str(exc).splitlines()[-1]})."
+                f"Only load checkpoints you trust ({detail})."
             )
-        fail(f"checkpoint {path!r} cannot be read: it is corrupted or not a checkpoint ({str(exc).splitlines()[0]}).")
+        fail(f"checkpoint {path!r} cannot be read: it is truncated or corrupted, or not a checkpoint ({detail}).")
     except (RuntimeError, EOFError, OSError) as exc:
         fail(f"checkpoint {path!r} cannot be read: it is truncated or corrupted ({type(exc).__name__}: {exc}).")
 

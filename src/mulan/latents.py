@@ -141,7 +141,9 @@ class KHotLatent(Latent):
         """Hard top-k forward, identity-with-projection backward: (B, m) -> (B, m)."""
         centred = logits - logits.mean(-1, keepdim=True)
         soft = centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return (khot(centred, self.k) - soft).detach() + soft
+        # hard + (soft - stopgrad(soft)): the gradient of stopgrad(hard - soft) + soft, and a forward value
+        # that is exactly the 0/1 indicator ((hard - soft) + soft can round 1 to 1 - 2^-24).
+        return khot(centred, self.k) + (soft - soft.detach())
 
     def forward(self, x: Tensor) -> LatentSample:
         logits = self.encoder(x)

@@ -21,7 +21,13 @@ from mulan.utils import float32_region
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels), channels)
+    """GroupNorm with at most 32 groups of at least 4 channels (VDM at 128 channels: 32 groups of 4).
+
+    Groups of one channel would normalise away the per-channel conditioning shift of :class:`ResnetBlock`,
+    so a narrow network would ignore time and ``z``.
+    """
+    groups = max(g for g in range(1, min(32, max(channels // 4, 1)) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -1,0 +1,109 @@
+"""The command line, end to end on the embedded data set: fit, test from a checkpoint, config round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mulan.cli import build_cli, main
+from mulan.latents import KHotLatent, NoLatent
+from mulan.schedules import LearnedScalar, Polynomial
+
+CONF = Path(__file__).parent / "conf"
+
+
+def fit(config: str, root: Path, *extra: str) -> Path:
+    """Fit ``config`` for its few steps under ``root``; return the checkpoint written."""
+    main(["fit", "--config", str(CONF / config), "--trainer.default_root_dir", str(root), *extra])
+    ckpts = sorted(root.rglob("*.ckpt"))
+    assert ckpts, "fit wrote no checkpoint"
+    return ckpts[-1]
+
+
+@pytest.mark.parametrize("config", ["vdm_tiny.yaml", "mulan_tiny.yaml"])
+def test_fast_dev_run(config: str, tmp_path: Path) -> None:
+    cli = build_cli(["fit", "--config", str(CONF / config), "--trainer.fast_dev_run", "true",
+                     "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 1
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("config", "schedule", "latent"),
+    [("vdm_tiny.yaml", LearnedScalar, NoLatent), ("mulan_tiny.yaml", Polynomial, KHotLatent)],
+)
+def test_fit_then_test_from_checkpoint_alone(config: str, schedule: type, latent: type, tmp_path: Path) -> None:
+    ckpt = fit(config, tmp_path)
+    cli = build_cli(["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false",
+                     "--trainer.default_root_dir", str(tmp_path),
+                     "--trainer.enable_progress_bar", "false"])
+    # The model and data were rebuilt from the checkpoint's saved configuration alone ...
+    assert isinstance(cli.model.model.schedule, schedule)
+    assert isinstance(cli.model.model.latent, latent)
+    assert cli.datamodule.image_shape == (1, 8, 8)
+    # ... and carry the trained weights, not a fresh initialisation.
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    for name, value in cli.model.state_dict().items():
+        torch.testing.assert_close(value, saved[name], msg=name)
+    results = cli.model.test_results
+    parts = sum(results[n][0] for n in ("recon", "prior", "diffusion", "latent"))
+    assert results["total"][0] == pytest.approx(parts, rel=1e-5)
+    assert results["total"][1] > 0  # a standard error was computed over the test images
+    expected_latent = 0.0 if latent is NoLatent else (torch.tensor(120.0).log().item() / (64 * 0.6931471805599453))
+    assert results["latent"][0] == pytest.approx(expected_latent, abs=1e-6)  # log C(10, 3) nats over 64 dims
+
+
+def test_test_without_checkpoint_refuses(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["test", "--config", str(CONF / "vdm_tiny.yaml")])
+    assert exc.value.code == 2
+    assert "--ckpt_path" in capsys.readouterr().err
+
+
+def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONF / "mulan_tiny.yaml"), "--print_config"])
+    first = capsys.readouterr().out
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(printed), "--print_config"])
+    assert capsys.readouterr().out == first
+    assert "mulan.schedules.Polynomial" in first and "hidden: 32" in first
+
+
+def test_misspelt_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONF / "vdm_tiny.yaml").read_text().replace("num_blocks: 1", "num_block: 1"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(bad)])
+    assert "num_block" in capsys.readouterr().err
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = fit("vdm_tiny.yaml", tmp_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(SystemExit):
+        main(["test", "--ckpt_path", str(truncated)])
+    assert "truncated or corrupted" in capsys.readouterr().err
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(_Payload.target),))
+
+    target = ""
+
+
+def test_malicious_checkpoint_is_refused_without_running_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "payload_ran"
+    _Payload.target = str(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload()}}, evil)
+    with pytest.raises(SystemExit):
+        main(["test", "--ckpt_path", str(evil)])
+    assert "refused" in capsys.readouterr().err
+    assert not marker.exists()
