@@ -37,6 +37,9 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: called with the optimiser, stepped every optimiser step (default: 100-step warm-up).
         schedule_lr: learning rate of the schedule and latent encoder parameters (default: the optimiser's).
         schedule_weight_decay: their weight decay (default: the optimiser's; biases are never decayed).
+        seed_every_step: seed the random draws of training step ``n`` on rank ``r`` from ``(seed, n, r)``, where
+            ``seed`` is the run's seed (``seed_everything``): every DDP rank draws its own times, noise, latents
+            and dropout, and a run resumed from a checkpoint draws exactly what the uninterrupted run would.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable = LinearWarmup,
         schedule_lr: float | None = None,
         schedule_weight_decay: float | None = None,
+        seed_every_step: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -64,6 +68,8 @@ class DiffusionModule(L.LightningModule):
         )
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.schedule_lr, self.schedule_weight_decay = schedule_lr, schedule_weight_decay
+        self.seed_every_step = seed_every_step
+        self._base_seed = torch.initial_seed()
         self.meters = nn.ModuleDict({f"{stage}_bpd": MeanStdErr(len(TERMS)) for stage in ("train", "val", "test")})
         self.test_results: dict[str, tuple[float, float]] = {}
 
@@ -76,6 +82,11 @@ class DiffusionModule(L.LightningModule):
         """(B, len(TERMS)) bits/dim per example, in the order of ``TERMS``."""
         terms = self.model(images).as_dict()
         return self.model.bpd(torch.stack([terms[name] for name in TERMS], dim=1))
+
+    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
+        if self.seed_every_step:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            torch.manual_seed((self._base_seed + 1 + self.global_step * world + rank) % 2**63)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         bpd = self._bpd_terms(batch)
