@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mulan.lightning.callbacks import SampleWriter
 from mulan.lightning.module import DiffusionModule
 
 
@@ -69,6 +70,9 @@ class MulanCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
         parser.add_argument(
+            "--predict_output_dir", type=str, default="samples", help="Where `predict` writes samples and figures."
+        )
+        parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint and print where the logs are."
         )
 
@@ -109,6 +113,12 @@ class MulanCLI(LightningCLI):
     def _exit(message: str) -> NoReturn:
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "predict" and not any(isinstance(c, SampleWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(SampleWriter(self.config.predict.predict_output_dir))
+        return trainer
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):

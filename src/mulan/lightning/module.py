@@ -4,19 +4,26 @@ the model is :class:`mulan.model.DiffusionModel` (pure torch)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler, RandomSampler
 
 from mulan.latents import LatentFactory, NoLatent
 from mulan.lightning.metrics import MeanStdErr
 from mulan.lightning.optim import AdamW, LinearWarmup
 from mulan.model import DiffusionModel, ELBOTerms
 from mulan.networks import DenoiserFactory, UNet
+from mulan.sampling import ancestral_sample
 from mulan.schedules import FixedLinear, ImageShape, ScheduleFactory
+
+def _seed_sampler(sampler: RandomSampler, seed: int, epoch: int) -> None:
+    sampler.generator = torch.Generator().manual_seed((seed + 7919 * (epoch + 1)) % 2**63)
+
 
 TERMS = ("total", "recon", "prior", "diffusion", "latent", "latent_surrogate")
 
@@ -54,6 +61,7 @@ class DiffusionModule(L.LightningModule):
         schedule_lr: float | None = None,
         schedule_weight_decay: float | None = None,
         seed_every_step: bool = True,
+        sample_steps: int = 256,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -68,7 +76,7 @@ class DiffusionModule(L.LightningModule):
         )
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.schedule_lr, self.schedule_weight_decay = schedule_lr, schedule_weight_decay
-        self.seed_every_step = seed_every_step
+        self.seed_every_step, self.sample_steps = seed_every_step, sample_steps
         self._base_seed = torch.initial_seed()
         self.meters = nn.ModuleDict({f"{stage}_bpd": MeanStdErr(len(TERMS)) for stage in ("train", "val", "test")})
         self.test_results: dict[str, tuple[float, float]] = {}
@@ -82,6 +90,20 @@ class DiffusionModule(L.LightningModule):
         """(B, len(TERMS)) bits/dim per example, in the order of ``TERMS``."""
         terms = self.model(images).as_dict()
         return self.model.bpd(torch.stack([terms[name] for name in TERMS], dim=1))
+
+    def on_train_start(self) -> None:
+        # A shuffling sampler without a generator seeds itself from the global RNG, whose state at the start of an
+        # epoch differs between an uninterrupted run and one resumed there. Give it a ``set_epoch`` (which
+        # Lightning calls before every epoch, resumed or not) that seeds it from (seed, epoch), like
+        # DistributedSampler under DDP already does.
+        if not self.seed_every_step:
+            return
+        loaders = self.trainer.train_dataloader
+        loaders = loaders.values() if isinstance(loaders, dict) else loaders if isinstance(loaders, list | tuple) else [loaders]
+        for loader in loaders:
+            sampler = getattr(loader, "sampler", None)
+            if type(sampler) is RandomSampler and sampler.generator is None and not hasattr(sampler, "set_epoch"):
+                sampler.set_epoch = partial(_seed_sampler, sampler, self._base_seed)
 
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         if self.seed_every_step:
@@ -102,10 +124,35 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self.meters["val_bpd"].update(self._bpd_terms(batch))
+        self.meters["val_bpd"].update(self._without_padding(self._bpd_terms(batch), "val"))
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self.meters["test_bpd"].update(self._bpd_terms(batch))
+        self.meters["test_bpd"].update(self._without_padding(self._bpd_terms(batch), "test"))
+
+    def on_validation_epoch_start(self) -> None:
+        self._seen = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._seen = 0
+
+    def _without_padding(self, bpd: Tensor, stage: str) -> Tensor:
+        """Drop the duplicates a DistributedSampler appends to make the data set divisible by the world size.
+
+        Rank ``r`` of ``W`` gets positions ``r, r + W, ...`` of the (padded) index list; padding occupies the
+        positions ``>= len(dataset)``, so only a rank's last sample can be a duplicate."""
+        seen, self._seen = getattr(self, "_seen", 0), getattr(self, "_seen", 0) + bpd.shape[0]
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        sampler = getattr(loaders, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            return bpd
+        last = sampler.num_samples - 1  # within-rank position of this rank's last sample
+        if sampler.rank + last * sampler.num_replicas < len(sampler.dataset) or not seen <= last < self._seen:
+            return bpd
+        return torch.cat([bpd[: last - seen], bpd[last - seen + 1 :]])
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """As many ancestral samples (uint8 (B, C, H, W), ``z`` from the prior) as the batch has images."""
+        return ancestral_sample(self.model, batch.shape[0], steps=self.sample_steps).samples
 
     def _log_epoch(self, stage: str) -> dict[str, tuple[float, float]]:
         meter = self.meters[f"{stage}_bpd"]
@@ -127,6 +174,38 @@ class DiffusionModule(L.LightningModule):
         lines = [f"{'term':<18}{'bits/dim':>12}{'std. err.':>12}"]
         lines += [f"{n:<18}{m:>12.4f}{s:>12.4f}" for n, (m, s) in self.test_results.items()]
         rank_zero_info("Test bound (one-sample ELBO per image; 'total' uses the honest latent KL):\n" + "\n".join(lines))
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mulan_base_seed"] = self._base_seed  # a resumed run draws what the uninterrupted one would
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._base_seed = int(checkpoint.get("mulan_base_seed", self._base_seed))
+        saved = checkpoint.get("hyper_parameters", {}).get("image_shape")
+        ours = tuple(int(s) for s in self.hparams.image_shape)
+        if saved is not None and tuple(int(s) for s in saved) != ours:
+            raise ValueError(
+                f"checkpoint {self._checkpoint_name()} was trained on images of shape {tuple(saved)} (C, H, W), but "
+                f"the data given now has shape {ours}. Evaluate it on data of shape {tuple(saved)}: with mulan-cli, "
+                "leave out --data so the data configuration saved in the checkpoint is used."
+            )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            detail = str(error).split(":", 1)[-1].strip()
+            raise RuntimeError(
+                f"checkpoint {self._checkpoint_name()} was trained with a different model configuration than the "
+                f"one given now: {detail}\nWith mulan-cli, test it without --model so the configuration saved in "
+                "the checkpoint is used."
+            ) from error
+
+    def _checkpoint_name(self) -> str:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return repr(str(path)) if path else "(the one being loaded)"
 
     # ----------------------------------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict]:

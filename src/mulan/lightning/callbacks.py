@@ -1,0 +1,233 @@
+"""Callbacks: likelihood and FID/KID evaluation during fit and test; pictures in TensorBoard."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from mulan.figures import image_grid, schedule_maps, snr_variance
+from mulan.likelihood import dense_elbo
+from mulan.sampling import ancestral_sample
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def resolve_inception_weights(path: str | None) -> str:
+    """The path of torch-fidelity's InceptionV3 weights, checked to exist and to load with ``weights_only=True``.
+
+    Without ``path``, torch's hub cache (where torch-fidelity would download them) is used. Offline and
+    without the file this raises at once, with where to put it, instead of failing after hours of training.
+    torch-fidelity itself loads the file with ``weights_only=False``; loading it here first with
+    ``weights_only=True`` refuses a file that holds anything but tensors before that happens.
+    """
+    candidate = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not candidate.is_file():
+        raise FileNotFoundError(
+            f"FID/KID need torch-fidelity's InceptionV3 weights, not found at {candidate}. This machine cannot "
+            f"download them at run time: fetch {INCEPTION_URL} elsewhere, then either pass "
+            f"feature_extractor_weights_path=/path/to/{INCEPTION_FILE} to the EvaluationCallback, or copy the "
+            f"file to {Path(torch.hub.get_dir()) / 'checkpoints'}/. Or set fid: false."
+        )
+    try:
+        torch.load(candidate, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise ValueError(f"{candidate} is not a plain InceptionV3 state dict ({type(exc).__name__}: {exc}).") from exc
+    return str(candidate)
+
+
+class EvaluationCallback(L.Callback):
+    """Dense-ELBO bits/dim and FID (optionally KID) on the validation and test data.
+
+    During validation it runs every ``every_n_validations``-th validation (how often validation runs is the
+    trainer's ``val_check_interval``); during test always. The model in use is the one validation/test uses
+    (the EMA weights with Lightning's EMA callback). Logged: ``{stage}/dense_bpd``, ``{stage}/dense_bpd_stderr``,
+    ``{stage}/fid``, ``{stage}/kid_mean``, ``{stage}/kid_std``.
+
+    Args:
+        num_images: real images (from the loader) used for the dense ELBO and as FID's real set.
+        num_times: stratified times per image in the dense ELBO (the reference uses 128).
+        num_samples: generated images for FID/KID.
+        sample_steps: ancestral sampling steps ``T``.
+        fid, kid: compute FID / KID (torchmetrics with torch-fidelity's InceptionV3).
+        feature_extractor_weights_path: InceptionV3 weights (see :func:`resolve_inception_weights`).
+        feature_extractor: a custom feature network for FID/KID instead of InceptionV3 (uint8 (N, 3, H, W) in,
+            (N, F) out, with a ``num_features`` attribute), e.g. for tests or non-natural images.
+    """
+
+    def __init__(
+        self,
+        every_n_validations: int = 1,
+        num_images: int = 1000,
+        num_times: int = 128,
+        num_samples: int = 1000,
+        sample_steps: int = 256,
+        sample_batch_size: int = 250,
+        fid: bool = True,
+        kid: bool = False,
+        kid_subset_size: int = 100,
+        feature_extractor_weights_path: str | None = None,
+        feature_extractor: nn.Module | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.every_n_validations, self.num_images, self.num_times = every_n_validations, num_images, num_times
+        self.num_samples, self.sample_steps, self.sample_batch_size = num_samples, sample_steps, sample_batch_size
+        self.fid, self.kid, self.kid_subset_size, self.progress = fid, kid, kid_subset_size, progress
+        self.weights_path, self.feature_extractor = feature_extractor_weights_path, feature_extractor
+        self.metrics: nn.ModuleDict = nn.ModuleDict()
+        self._validations = 0
+        self._active = False
+        self._bpd: list[Tensor] = []
+        self._seen = 0
+
+    # ------------------------------------------------------------------ set-up: fail early, not after training
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not (self.fid or self.kid) or len(self.metrics):
+            return
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        if self.feature_extractor is not None:
+            feature, extra = self.feature_extractor, {}
+        else:
+            feature, extra = 2048, {"feature_extractor_weights_path": resolve_inception_weights(self.weights_path)}
+        if self.fid:
+            self.metrics["fid"] = FrechetInceptionDistance(feature=feature, **extra)
+        if self.kid:
+            self.metrics["kid"] = KernelInceptionDistance(feature=feature, subset_size=self.kid_subset_size, **extra)
+        self.metrics.to(pl_module.device)
+
+    # ------------------------------------------------------------------ per stage
+    def _start(self, trainer: L.Trainer, stage: str) -> None:
+        if stage == "val":
+            self._validations += 1
+            self._active = not trainer.sanity_checking and self._validations % self.every_n_validations == 0
+        else:
+            self._active = True
+        self._bpd, self._seen = [], 0
+        for metric in self.metrics.values():
+            metric.reset()
+
+    def _batch(self, pl_module: L.LightningModule, batch: Tensor) -> None:
+        if not self._active or self._seen >= self.num_images:
+            return
+        images = batch[: self.num_images - self._seen]
+        self._seen += images.shape[0]
+        terms = dense_elbo(pl_module.model, images, num_times=self.num_times)
+        self._bpd.append(pl_module.model.bpd(terms.total))
+        for metric in self.metrics.values():
+            metric.update(_rgb(images), real=True)
+
+    def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._active:
+            return
+        bpd = pl_module.all_gather(torch.cat(self._bpd)).reshape(-1)
+        results = {f"{stage}/dense_bpd": bpd.mean(), f"{stage}/dense_bpd_stderr": bpd.std() / math.sqrt(bpd.numel())}
+        if len(self.metrics):
+            per_rank = math.ceil(self.num_samples / trainer.world_size)
+            for start in range(0, per_rank, self.sample_batch_size):
+                samples = ancestral_sample(
+                    pl_module.model, min(self.sample_batch_size, per_rank - start), steps=self.sample_steps,
+                    progress=self.progress and trainer.is_global_zero,
+                ).samples
+                for metric in self.metrics.values():
+                    metric.update(_rgb(samples), real=False)
+            if "fid" in self.metrics:
+                results[f"{stage}/fid"] = self.metrics["fid"].compute()
+            if "kid" in self.metrics:
+                mean, std = self.metrics["kid"].compute()
+                results[f"{stage}/kid_mean"], results[f"{stage}/kid_std"] = mean, std
+        pl_module.log_dict({k: v.float() for k, v in results.items()}, sync_dist=False, rank_zero_only=False)
+        rank_zero_info("  ".join(f"{k} = {float(v):.4f}" for k, v in results.items()))
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer, "val")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch(pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._end(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer, "test")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch(pl_module, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._end(trainer, pl_module, "test")
+
+
+def _rgb(images: Tensor) -> Tensor:
+    """uint8 (N, 1 or 3, H, W) -> (N, 3, H, W) for Inception-style feature networks."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+class PicturesCallback(L.Callback):
+    """Sample grids, and for per-dimension schedules the log-SNR maps of a few validation images and the
+    variance of the SNR across latents against ``t``, to TensorBoard after every ``every_n_validations``-th
+    validation. Needs a :class:`~lightning.pytorch.loggers.TensorBoardLogger` (otherwise it does nothing)."""
+
+    def __init__(self, every_n_validations: int = 1, num_samples: int = 64, sample_steps: int = 256, num_maps: int = 4) -> None:
+        super().__init__()
+        self.every_n_validations, self.num_samples = every_n_validations, num_samples
+        self.sample_steps, self.num_maps = sample_steps, num_maps
+        self._validations = 0
+        self._images: Tensor | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            self._images = batch[: self.num_maps]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self._validations += 1
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is None or self._validations % self.every_n_validations:
+            return
+        model, step, writer = pl_module.model, trainer.global_step, logger.experiment
+        samples = ancestral_sample(model, self.num_samples, steps=self.sample_steps).samples
+        writer.add_image("samples", image_grid(samples), step)
+        if model.schedule.multivariate and self._images is not None:
+            writer.add_figure("schedule/log_snr_maps", schedule_maps(model, self._images), step)
+            writer.add_figure("schedule/snr_variance_across_latents", snr_variance(model)[0], step)
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes what ``mulan-cli predict`` generated to ``output_dir``: ``samples.npz`` (uint8 (N, C, H, W) under
+    ``samples``), ``samples.png`` (a grid) and, for per-dimension schedules, ``schedule_maps.png`` (log-SNR maps
+    of the first predict images) and ``snr_variance.png``. Under DDP each rank writes its own ``rank{r}`` files."""
+
+    def __init__(self, output_dir: str = "samples") -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = Path(output_dir)
+        self._images: Tensor | None = None
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._images is None:
+            self._images = batch[:4]
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        samples = torch.cat([p.cpu() for p in predictions])
+        np.savez_compressed(self.output_dir / f"samples{suffix}.npz", samples=samples.numpy())
+        grid = image_grid(samples[:256]).permute(1, 2, 0).numpy()
+        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(self.output_dir / f"samples{suffix}.png")
+        model = pl_module.model
+        if model.schedule.multivariate and self._images is not None:
+            schedule_maps(model, self._images.to(pl_module.device)).savefig(self.output_dir / f"schedule_maps{suffix}.png", dpi=120)
+            snr_variance(model)[0].savefig(self.output_dir / f"snr_variance{suffix}.png", dpi=120)
+        rank_zero_info(f"Wrote {samples.shape[0]} samples and figures to {self.output_dir}/")
