@@ -94,17 +94,18 @@ class EvaluationCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not (self.fid or self.kid) or len(self.metrics):
             return
-        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        if self.feature_extractor is not None:
-            feature, extra = self.feature_extractor, {}
-        else:
-            feature, extra = 2048, {"feature_extractor_weights_path": resolve_inception_weights(self.weights_path)}
+        feature = self.feature_extractor
+        if feature is None:  # torch-fidelity's InceptionV3 (2048-d pool features), shared by FID and KID
+            weights = resolve_inception_weights(self.weights_path)
+            feature = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+            feature.num_features = 2048
         if self.fid:
-            self.metrics["fid"] = FrechetInceptionDistance(feature=feature, **extra)
+            self.metrics["fid"] = FrechetInceptionDistance(feature=feature)
         if self.kid:
-            self.metrics["kid"] = KernelInceptionDistance(feature=feature, subset_size=self.kid_subset_size, **extra)
+            self.metrics["kid"] = KernelInceptionDistance(feature=feature, subset_size=self.kid_subset_size)
         self.metrics.to(pl_module.device)
 
     # ------------------------------------------------------------------ per stage

@@ -1,0 +1,145 @@
+"""Evaluation (dense ELBO, FID/KID through torch-fidelity's real InceptionV3 code), pictures, predict output."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from unittest import mock
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from mulan.cli import main
+from mulan.latents import KHotLatent
+from mulan.lightning.callbacks import EvaluationCallback, PicturesCallback, resolve_inception_weights
+from mulan.lightning.data import EmbeddedDataModule
+from mulan.lightning.module import DiffusionModule
+from mulan.likelihood import dense_elbo
+from mulan.networks import UNet
+from mulan.schedules import Polynomial
+
+CONF = Path(__file__).parent / "conf"
+
+
+def tiny_mulan() -> DiffusionModule:
+    torch.manual_seed(0)
+    return DiffusionModule(
+        image_shape=(1, 8, 8),
+        denoiser=partial(UNet, channels=8, num_blocks=1, dropout=0.0),
+        schedule=partial(Polynomial, hidden=8),
+        latent=partial(KHotLatent, m=6, k=2, channels=8, num_blocks=1),
+        sample_steps=4,
+    )
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised InceptionV3 state dict in torch-fidelity's format (the real file can't be fetched)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch.object(fe.torch, "load", return_value={}):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_missing_inception_weights_fail_at_start_not_after_training(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth") as exc:
+        resolve_inception_weights(None)
+    assert str(tmp_path / "hub" / "checkpoints") in str(exc.value)
+    module = tiny_mulan()
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[EvaluationCallback(num_images=4, num_samples=4)], default_root_dir=tmp_path)
+    with pytest.raises(FileNotFoundError):
+        trainer.fit(module, datamodule=EmbeddedDataModule(batch_size=8))
+    assert trainer.global_step == 0
+
+
+def test_inception_weights_holding_code_are_refused(tmp_path: Path) -> None:
+    evil = tmp_path / "weights.pth"
+    torch.save({"w": nn.Linear(2, 2)}, evil)  # a pickled module, not a plain state dict
+    with pytest.raises(ValueError, match="not a plain InceptionV3 state dict"):
+        resolve_inception_weights(str(evil))
+
+
+def test_fid_and_dense_elbo_through_the_real_inception_code(random_inception_weights: Path, tmp_path: Path) -> None:
+    callback = EvaluationCallback(num_images=8, num_times=4, num_samples=8, sample_steps=3, fid=True, kid=True,
+                                  kid_subset_size=4, feature_extractor_weights_path=str(random_inception_weights),
+                                  progress=False)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[callback], limit_test_batches=1,
+                        default_root_dir=tmp_path)
+    trainer.test(tiny_mulan(), datamodule=EmbeddedDataModule(batch_size=8))
+    metrics = trainer.callback_metrics
+    for name in ("test/fid", "test/kid_mean", "test/dense_bpd", "test/dense_bpd_stderr"):
+        assert torch.isfinite(metrics[name]), name
+    assert metrics["test/fid"] > 0  # samples of an untrained model differ from digits
+    assert type(callback.metrics["fid"].inception).__name__ == "NoTrainInceptionV3"
+
+
+def test_custom_feature_extractor_gives_zero_fid_for_identical_sets() -> None:
+    """FID between a set and itself is 0 with any feature network: checks the wiring of real/fake updates."""
+
+    class Pool(nn.Module):
+        num_features = 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.float().mean((2, 3)) + torch.arange(3.0)
+
+    callback = EvaluationCallback(fid=True, feature_extractor=Pool())
+    callback.setup(None, tiny_mulan(), "test")
+    images = torch.randint(0, 256, (16, 3, 4, 4), dtype=torch.uint8)
+    callback.metrics["fid"].update(images, real=True)
+    callback.metrics["fid"].update(images, real=False)
+    assert callback.metrics["fid"].compute().item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_dense_elbo_averages_stratified_times_per_image() -> None:
+    module = tiny_mulan()
+    model = module.model.eval()
+    data = EmbeddedDataModule(batch_size=6)
+    data.setup("test")
+    images = next(iter(data.test_dataloader()))
+    torch.manual_seed(0)
+    dense = dense_elbo(model, images, num_times=64)
+    assert dense.total.shape == (6,)
+    assert torch.allclose(dense.latent, torch.full((6,), math.log(math.comb(6, 2))))
+    # An unbiased estimate: agrees with the mean of many one-sample estimates within their standard error.
+    torch.manual_seed(1)
+    single = torch.stack([model(images).total for _ in range(64)])  # (64, 6)
+    stderr = single.std(0) / 8
+    assert ((dense.total - single.mean(0)).abs() < 5 * stderr + 1e-3).all()
+
+
+def test_pictures_reach_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="pics")
+    trainer = L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        callbacks=[PicturesCallback(num_samples=4, sample_steps=3, num_maps=2)])
+    trainer.fit(tiny_mulan(), datamodule=EmbeddedDataModule(batch_size=8))
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["images"])
+    assert {"samples", "schedule/log_snr_maps", "schedule/snr_variance_across_latents"} <= tags
+
+
+def test_predict_writes_uint8_samples_and_figures(tmp_path: Path) -> None:
+    main(["fit", "--config", str(CONF / "mulan_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    out = tmp_path / "samples"
+    main(["predict", "--ckpt_path", str(ckpt), "--model.init_args.sample_steps", "3", "--trainer.logger", "false",
+          "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path), "--predict_output_dir", str(out)])
+    samples = np.load(out / "samples.npz")["samples"]
+    assert samples.dtype == np.uint8 and samples.shape == (16, 1, 8, 8)
+    for name in ("samples.png", "schedule_maps.png", "snr_variance.png"):
+        assert (out / name).stat().st_size > 0
