@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from mulan.cli import main
+from mulan.cli import build_cli, main
 from mulan.latents import KHotLatent
 from mulan.lightning.callbacks import EvaluationCallback, PicturesCallback, resolve_inception_weights
 from mulan.lightning.data import EmbeddedDataModule
@@ -136,9 +136,11 @@ def test_predict_writes_uint8_samples_and_figures(tmp_path: Path) -> None:
     main(["fit", "--config", str(CONF / "mulan_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)])
     ckpt = next(tmp_path.rglob("*.ckpt"))
     out = tmp_path / "samples"
-    main(["predict", "--ckpt_path", str(ckpt), "--model.init_args.sample_steps", "3", "--trainer.logger", "false",
+    cli = build_cli(["predict", "--ckpt_path", str(ckpt), "--model.init_args.sample_steps", "3", "--trainer.logger", "false",
           "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false",
           "--trainer.default_root_dir", str(tmp_path), "--predict_output_dir", str(out)])
+    assert cli.model.sample_steps == 3  # a command-line override applies on top of the checkpoint's config
+    assert cli.model.model.latent.dim == 10  # ... which is otherwise the one the checkpoint was trained with
     samples = np.load(out / "samples.npz")["samples"]
     assert samples.dtype == np.uint8 and samples.shape == (16, 1, 8, 8)
     for name in ("samples.png", "schedule_maps.png", "snr_variance.png"):

@@ -88,8 +88,9 @@ class MulanCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _with_checkpoint_config(self, argv: list[str]) -> list[str]:
-        """For ``test``/``validate``/``predict``: require ``--ckpt_path`` and, where the command line gives no
-        ``--model`` or ``--data``, rebuild them from the configuration saved in the checkpoint."""
+        """For ``test``/``validate``/``predict``: require ``--ckpt_path`` and start from the model and data
+        configuration saved in the checkpoint; ``--model.init_args.X`` and ``--data.init_args.X`` override single
+        options, ``--model CONFIG`` / ``--data CONFIG`` replace the whole component."""
         subcommand = next((a for a in argv if a in self.subcommands()), None)
         if subcommand not in EVAL_SUBCOMMANDS or {"-h", "--help"} & set(argv):
             return argv
@@ -102,12 +103,17 @@ class MulanCLI(LightningCLI):
         checkpoint = load_checkpoint(ckpt_path, error=self._exit)
         injected = []
         for key, saved in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
-            given = any(a == f"--{key}" or a.startswith((f"--{key}=", f"--{key}.")) for a in argv)
+            given = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)  # replaced, not overridden
             config = _class_config(checkpoint.get(saved, {}))
             if not given and config is not None:
                 injected.append(f"--{key}={json.dumps(config)}")
         where = argv.index(subcommand) + 1
         return argv[:where] + injected + argv[where:]
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would overwrite the model configuration with the checkpoint's after parsing, discarding
+        command-line overrides; here the checkpoint's configuration was put first and the command line applies
+        on top of it (see :meth:`_with_checkpoint_config`)."""
 
     @staticmethod
     def _exit(message: str) -> NoReturn:
