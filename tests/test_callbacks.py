@@ -145,3 +145,15 @@ def test_predict_writes_uint8_samples_and_figures(tmp_path: Path) -> None:
     assert samples.dtype == np.uint8 and samples.shape == (16, 1, 8, 8)
     for name in ("samples.png", "schedule_maps.png", "snr_variance.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path) -> None:
+    callback = EvaluationCallback(num_images=4, num_times=4, fid=False, ode_images=2, ode_draws=2,
+                                  ode_rtol=1e-3, ode_atol=1e-3, progress=False)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[callback], limit_test_batches=1,
+                        default_root_dir=tmp_path)
+    trainer.test(tiny_mulan(), datamodule=EmbeddedDataModule(batch_size=4))
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["test/ode_bpd"]) and metrics["test/ode_nfe"] > 0
+    # the bound includes the honest latent cost log C(6, 2) nats, so it can't be below it
+    assert metrics["test/ode_bpd"] > math.log(15) / (64 * math.log(2))

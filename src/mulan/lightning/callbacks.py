@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mulan.figures import image_grid, schedule_maps, snr_variance
-from mulan.likelihood import dense_elbo
+from mulan.likelihood import dense_elbo, ode_likelihood
 from mulan.sampling import ancestral_sample
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -51,7 +51,8 @@ class EvaluationCallback(L.Callback):
     During validation it runs every ``every_n_validations``-th validation (how often validation runs is the
     trainer's ``val_check_interval``); during test always. The model in use is the one validation/test uses
     (the EMA weights with Lightning's EMA callback). Logged: ``{stage}/dense_bpd``, ``{stage}/dense_bpd_stderr``,
-    ``{stage}/fid``, ``{stage}/kid_mean``, ``{stage}/kid_std``.
+    ``{stage}/fid``, ``{stage}/kid_mean``, ``{stage}/kid_std``, and with ``ode_images > 0`` the probability-flow
+    ODE bound ``{stage}/ode_bpd`` (+ ``_stderr``), its mean NFE ``{stage}/ode_nfe`` and ``{stage}/ode_seconds_per_image``.
 
     Args:
         num_images: real images (from the loader) used for the dense ELBO and as FID's real set.
@@ -60,6 +61,9 @@ class EvaluationCallback(L.Callback):
         sample_steps: ancestral sampling steps ``T``.
         fid, kid: compute FID / KID (torchmetrics with torch-fidelity's InceptionV3).
         feature_extractor_weights_path: InceptionV3 weights (see :func:`resolve_inception_weights`).
+        ode_images: images (per process) evaluated with the probability-flow ODE likelihood (0: off; slow).
+        ode_draws: truncated-normal dequantisation draws per image (importance weighted; reference: 20).
+        ode_rtol, ode_atol: tolerances of the adaptive dopri5 solver.
         feature_extractor: a custom feature network for FID/KID instead of InceptionV3 (uint8 (N, 3, H, W) in,
             (N, F) out, with a ``num_features`` attribute), e.g. for tests or non-natural images.
     """
@@ -77,9 +81,16 @@ class EvaluationCallback(L.Callback):
         kid_subset_size: int = 100,
         feature_extractor_weights_path: str | None = None,
         feature_extractor: nn.Module | None = None,
+        ode_images: int = 0,
+        ode_draws: int = 20,
+        ode_rtol: float = 1e-5,
+        ode_atol: float = 1e-5,
         progress: bool = True,
     ) -> None:
         super().__init__()
+        self.ode_images, self.ode_draws, self.ode_rtol, self.ode_atol = ode_images, ode_draws, ode_rtol, ode_atol
+        self._ode: list[tuple[Tensor, Tensor, float]] = []
+        self._ode_seen = 0
         self.every_n_validations, self.num_images, self.num_times = every_n_validations, num_images, num_times
         self.num_samples, self.sample_steps, self.sample_batch_size = num_samples, sample_steps, sample_batch_size
         self.fid, self.kid, self.kid_subset_size, self.progress = fid, kid, kid_subset_size, progress
@@ -115,7 +126,7 @@ class EvaluationCallback(L.Callback):
             self._active = not trainer.sanity_checking and self._validations % self.every_n_validations == 0
         else:
             self._active = True
-        self._bpd, self._seen = [], 0
+        self._bpd, self._seen, self._ode, self._ode_seen = [], 0, [], 0
         for metric in self.metrics.values():
             metric.reset()
 
@@ -128,12 +139,30 @@ class EvaluationCallback(L.Callback):
         self._bpd.append(pl_module.model.bpd(terms.total))
         for metric in self.metrics.values():
             metric.update(_rgb(images), real=True)
+        self._ode_batch(pl_module, images)
+
+    def _ode_batch(self, pl_module: L.LightningModule, batch: Tensor) -> None:
+        if self._ode_seen >= self.ode_images:
+            return
+        # The ODE's divergence needs autograd, which Lightning's evaluation loops switch off.
+        with torch.inference_mode(False), torch.enable_grad():
+            images = batch[: self.ode_images - self._ode_seen].clone()
+            self._ode_seen += images.shape[0]
+            result = ode_likelihood(pl_module.model, images, num_draws=self.ode_draws, rtol=self.ode_rtol,
+                                    atol=self.ode_atol, progress=self.progress)
+        self._ode.append((result.bpd.detach(), result.nfe.detach().float(), result.seconds_per_image))
 
     def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self._active:
             return
         bpd = pl_module.all_gather(torch.cat(self._bpd)).reshape(-1)
         results = {f"{stage}/dense_bpd": bpd.mean(), f"{stage}/dense_bpd_stderr": bpd.std() / math.sqrt(bpd.numel())}
+        if self._ode:
+            ode = pl_module.all_gather(torch.cat([b for b, _, _ in self._ode])).reshape(-1)
+            results[f"{stage}/ode_bpd"] = ode.mean()
+            results[f"{stage}/ode_bpd_stderr"] = ode.std() / math.sqrt(ode.numel())
+            results[f"{stage}/ode_nfe"] = torch.cat([n.reshape(-1) for _, n, _ in self._ode]).mean()
+            results[f"{stage}/ode_seconds_per_image"] = torch.tensor(sum(s for *_, s in self._ode) / len(self._ode))
         if len(self.metrics):
             per_rank = math.ceil(self.num_samples / trainer.world_size)
             for start in range(0, per_rank, self.sample_batch_size):
