@@ -12,6 +12,7 @@ no autograd is needed for it in the training step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -191,7 +192,7 @@ class Polynomial(NoiseSchedule):
             raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}.")
         self.reduce = reduce
         self.multivariate = reduce == "none"
-        dim = int(torch.tensor(image_shape).prod())
+        dim = math.prod(image_shape)
         hidden = hidden or dim
         self.net = nn.Sequential(
             nn.Linear(max(latent_dim, 1), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()

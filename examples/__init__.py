@@ -1,0 +1,1 @@
+"""Runnable extension examples for mulan (see docs/extending.md). Each module has a ``main()``."""
