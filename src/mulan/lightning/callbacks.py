@@ -49,7 +49,7 @@ class EvaluationCallback(L.Callback):
     """Dense-ELBO bits/dim and FID (optionally KID) on the validation and test data.
 
     During validation it runs every ``every_n_validations``-th validation (how often validation runs is the
-    trainer's ``val_check_interval``); during test always. The model in use is the one validation/test uses
+    trainer's ``val_check_interval``; 0: never); during test always. The model in use is the one validation/test uses
     (the EMA weights with Lightning's EMA callback). Logged: ``{stage}/dense_bpd``, ``{stage}/dense_bpd_stderr``,
     ``{stage}/fid``, ``{stage}/kid_mean``, ``{stage}/kid_std``, and with ``ode_images > 0`` the probability-flow
     ODE bound ``{stage}/ode_bpd`` (+ ``_stderr``), its mean NFE ``{stage}/ode_nfe`` and ``{stage}/ode_seconds_per_image``.
@@ -123,7 +123,8 @@ class EvaluationCallback(L.Callback):
     def _start(self, trainer: L.Trainer, stage: str) -> None:
         if stage == "val":
             self._validations += 1
-            self._active = not trainer.sanity_checking and self._validations % self.every_n_validations == 0
+            due = self.every_n_validations > 0 and self._validations % self.every_n_validations == 0
+            self._active = due and not trainer.sanity_checking
         else:
             self._active = True
         self._bpd, self._seen, self._ode, self._ode_seen = [], 0, [], 0
@@ -225,7 +226,7 @@ class PicturesCallback(L.Callback):
             return
         self._validations += 1
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is None or self._validations % self.every_n_validations:
+        if logger is None or self.every_n_validations <= 0 or self._validations % self.every_n_validations:
             return
         model, step, writer = pl_module.model, trainer.global_step, logger.experiment
         samples = ancestral_sample(model, self.num_samples, steps=self.sample_steps).samples
