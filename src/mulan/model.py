@@ -54,6 +54,11 @@ class DiffusionModel(nn.Module):
         denoiser: maps ``(x_t, gamma, z)`` to ``eps_hat`` (B, C, H, W).
         latent: a :class:`~mulan.latents.Latent`; ``None`` means no latent (VDM).
         timesteps: ``0`` for the continuous-time loss, ``T > 0`` for the discrete ``T``-step loss.
+        channels_last: store the 4-D (convolution) weights in channels-last memory format. A convolution with a
+            channels-last weight returns a channels-last activation, so from the first convolution on every
+            convolution, GroupNorm, SiLU and the attention run on NHWC tensors end to end (oneDNN on CPU,
+            tensor-core kernels on GPU). The data, noise and loss stay NCHW, so the random draws and the values
+            are those of the default layout (docs/benchmarks.md).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class DiffusionModel(nn.Module):
         denoiser: nn.Module,
         latent: Latent | None = None,
         timesteps: int = 0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if timesteps < 0:
@@ -72,6 +78,11 @@ class DiffusionModel(nn.Module):
         self.schedule, self.denoiser = schedule, denoiser
         self.latent = latent if latent is not None else NoLatent(self.image_shape)
         self.timesteps = timesteps
+        self.channels_last = channels_last
+        if channels_last:
+            for p in self.parameters():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
 
     def check_images(self, images: Tensor) -> None:
         """Raise a clear error unless ``images`` is uint8 of shape (B, *image_shape)."""

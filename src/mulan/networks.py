@@ -92,9 +92,14 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        # (B, HW, 3C) with unit stride along channels: free in channels-last, one small copy otherwise. The
+        # fused (flash) CPU/GPU kernels need unit-stride heads; without it SDPA falls back to the slow math path
+        # (bmm + softmax, and an (HW x HW) matrix kept for the backward).
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # each (B, 1, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
+        # back to (B, C, H, W) as a view: channels-last memory, which the 1x1 projection accepts as is
+        return x + self.proj(out.transpose(1, 2).unflatten(2, (h, w)))
 
 
 class UNet(nn.Module):
