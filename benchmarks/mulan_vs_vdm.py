@@ -36,17 +36,39 @@ ARMS = {
 
 def train(arm: str, seed: int, steps: int, every: int, workdir: Path) -> tuple[Path, float]:
     config, overrides = ARMS[arm]
-    ckpt_dir = workdir / arm.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("=", "") / f"seed{seed}"
+    ckpt_dir = (
+        workdir
+        / arm.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("=", "")
+        / f"seed{seed}"
+    )
     start = time.perf_counter()
-    main([
-        "fit", "--config", str(ROOT / "configs" / config), *overrides,
-        "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
-        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(ckpt_dir), "--test_after_fit", "false",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={ckpt_dir / 'every'}", f"--trainer.callbacks.every_n_train_steps={every}",
-        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / config),
+            *overrides,
+            "--seed_everything",
+            str(seed),
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.default_root_dir",
+            str(ckpt_dir),
+            "--test_after_fit",
+            "false",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={ckpt_dir / 'every'}",
+            f"--trainer.callbacks.every_n_train_steps={every}",
+            "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks.filename={step}",
+        ]
+    )
     return ckpt_dir / "every", time.perf_counter() - start
 
 
@@ -87,7 +109,11 @@ def plot(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     arms = results["arms"]
     steps = sorted({int(s) for runs in arms.values() for run in runs.values() for s in run["eval"]})
-    head = "| arm | " + " | ".join(f"{s} steps" for s in steps) + " | diffusion | latent (honest) | latent (surrogate) | s/run |"
+    head = (
+        "| arm | "
+        + " | ".join(f"{s} steps" for s in steps)
+        + " | diffusion | latent (honest) | latent (surrogate) | s/run |"
+    )
     lines = [head, "|" + "---|" * (len(steps) + 5)]
     for arm, runs in arms.items():
         cells = []
@@ -97,16 +123,25 @@ def table(results: dict) -> str:
         final = [run["eval"][str(steps[-1])] for run in runs.values()]
         avg = {k: sum(f[k] for f in final) / len(final) for k in ("diffusion", "latent", "latent_surrogate")}
         secs = sum(run["train_seconds"] for run in runs.values()) / len(runs)
-        lines.append(f"| {arm} | " + " | ".join(cells)
-                     + f" | {avg['diffusion']:.3f} | {avg['latent']:.3f} | {avg['latent_surrogate']:.3f} | {secs:.0f} |")
+        lines.append(
+            f"| {arm} | "
+            + " | ".join(cells)
+            + f" | {avg['diffusion']:.3f} | {avg['latent']:.3f} | {avg['latent_surrogate']:.3f} | {secs:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() and args.resume else {"arms": {}}
-    results["settings"] = {"steps": args.steps, "every": args.every, "times": args.times, "seeds": args.seeds,
-                           "torch": torch.__version__, "threads": torch.get_num_threads()}
+    results["settings"] = {
+        "steps": args.steps,
+        "every": args.every,
+        "times": args.times,
+        "seeds": args.seeds,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     for seed in args.seeds:
         for arm in args.arms:
             runs = results["arms"].setdefault(arm, {})

@@ -77,9 +77,7 @@ def machine() -> dict:
 def _vm(key: str) -> float:
     """A /proc/self/status field in MiB (VmRSS, VmHWM); nan where unavailable."""
     with contextlib.suppress(OSError, StopIteration):
-        line = next(
-            ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":")
-        )
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
         return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -415,8 +413,7 @@ def table(results: list[dict], ablation: bool) -> str:
             else:
                 v = 1 / r["seconds_per_image"] if r.get("seconds_per_image") else None
                 note = r.get("skipped") or (
-                    f"NFE {fmt(r.get('nfe'), 0)}, {fmt(r.get('seconds_per_image'), 1)} s/image; "
-                    f"{r.get('note', '')}"
+                    f"NFE {fmt(r.get('nfe'), 0)}, {fmt(r.get('seconds_per_image'), 1)} s/image; {r.get('note', '')}"
                 )
             rows.append(
                 f"| {r['what']} | {r['kind']} | {r['arch']} | {r['batch']} | {r['precision']} | "
@@ -437,9 +434,7 @@ def write_docs(markdown: str, key: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["small", "paper", "eval"], help="a subset of the configurations")
     parser.add_argument("--ablation", action="store_true", help="the before/after table of each change")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per configuration")
@@ -453,17 +448,13 @@ def main() -> None:
         choices=["vdm", "mulan"],
         help="models to also run under torch.compile (small architecture, channels-last off)",
     )
-    parser.add_argument(
-        "--compile-cap", type=float, default=900.0, help="seconds allowed per compiled configuration"
-    )
+    parser.add_argument("--compile-cap", type=float, default=900.0, help="seconds allowed per compiled configuration")
     parser.add_argument("--cap", type=float, default=900.0, help="seconds allowed per eager configuration")
     parser.add_argument("--elbo-times", type=int, default=16, help="times per image of the dense ELBO")
     parser.add_argument("--sample-steps", type=int, default=32, help="ancestral sampling steps")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the children")
-    parser.add_argument(
-        "--repeats", type=int, default=1, help="run the plan this many times, keep each config's best"
-    )
+    parser.add_argument("--repeats", type=int, default=1, help="run the plan this many times, keep each config's best")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write JSON or docs")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -499,9 +490,7 @@ def main() -> None:
     if not args.ablation and key in saved:  # a subset run (--only) replaces its rows and keeps the others
 
         def ident(r: dict) -> tuple:
-            return tuple(
-                r.get(k) for k in ("what", "kind", "arch", "precision", "channels_last", "compile", "batch")
-            )
+            return tuple(r.get(k) for k in ("what", "kind", "arch", "precision", "channels_last", "compile", "batch"))
 
         merged = {ident(r): r for r in saved[key]["results"]}
         merged.update({ident(r): r for r in results})

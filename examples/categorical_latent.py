@@ -33,9 +33,7 @@ class CategoricalLatent(Latent):
         temperature: temperature of the Gumbel-softmax relaxation used for the gradients.
     """
 
-    def __init__(
-        self, image_shape: ImageShape, m: int = 8, channels: int = 16, temperature: float = 1.0
-    ) -> None:
+    def __init__(self, image_shape: ImageShape, m: int = 8, channels: int = 16, temperature: float = 1.0) -> None:
         super().__init__()
         self.dim, self.temperature = m, temperature
         self.encoder = nn.Sequential(
@@ -90,9 +88,7 @@ def main(steps: int = 3) -> dict[str, float]:
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        print(
-            f"step {step}: {loss.item():.3f} bits/dim, latent {model.bpd(terms.latent).mean().item():.4f}"
-        )
+        print(f"step {step}: {loss.item():.3f} bits/dim, latent {model.bpd(terms.latent).mean().item():.4f}")
     grad = sum(p.grad.abs().sum().item() for p in latent.parameters() if p.grad is not None)
     return {"bpd": loss.item(), "encoder_grad": grad}
 

@@ -39,9 +39,7 @@ class TermLoggingModule(DiffusionModule):
         **kwargs: everything :class:`DiffusionModule` takes (denoiser, schedule, latent, optimiser, ...).
     """
 
-    def __init__(
-        self, *args: Any, diffusion_weight: float = 1.0, log_terms: bool = True, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, diffusion_weight: float = 1.0, log_terms: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.diffusion_weight, self.log_terms = diffusion_weight, log_terms
 

@@ -42,8 +42,10 @@ def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised InceptionV3 state dict in torch-fidelity's format (the real file can't be fetched)."""
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
-    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
-            mock.patch.object(fe.torch, "load", return_value={}):
+    with (
+        mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
+        mock.patch.object(fe.torch, "load", return_value={}),
+    ):
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
     path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(net.state_dict(), path)
@@ -56,8 +58,14 @@ def test_missing_inception_weights_fail_at_start_not_after_training(tmp_path: Pa
         resolve_inception_weights(None)
     assert str(tmp_path / "hub" / "checkpoints") in str(exc.value)
     module = tiny_mulan()
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        callbacks=[EvaluationCallback(num_images=4, num_samples=4)], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[EvaluationCallback(num_images=4, num_samples=4)],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(FileNotFoundError):
         trainer.fit(module, datamodule=EmbeddedDataModule(batch_size=8))
     assert trainer.global_step == 0
@@ -71,11 +79,20 @@ def test_inception_weights_holding_code_are_refused(tmp_path: Path) -> None:
 
 
 def test_fid_and_dense_elbo_through_the_real_inception_code(random_inception_weights: Path, tmp_path: Path) -> None:
-    callback = EvaluationCallback(num_images=8, num_times=4, num_samples=8, sample_steps=3, fid=True, kid=True,
-                                  kid_subset_size=4, feature_extractor_weights_path=str(random_inception_weights),
-                                  progress=False)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[callback], limit_test_batches=1,
-                        default_root_dir=tmp_path)
+    callback = EvaluationCallback(
+        num_images=8,
+        num_times=4,
+        num_samples=8,
+        sample_steps=3,
+        fid=True,
+        kid=True,
+        kid_subset_size=4,
+        feature_extractor_weights_path=str(random_inception_weights),
+        progress=False,
+    )
+    trainer = L.Trainer(
+        logger=False, enable_progress_bar=False, callbacks=[callback], limit_test_batches=1, default_root_dir=tmp_path
+    )
     trainer.test(tiny_mulan(), datamodule=EmbeddedDataModule(batch_size=8))
     metrics = trainer.callback_metrics
     for name in ("test/fid", "test/kid_mean", "test/dense_bpd", "test/dense_bpd_stderr"):
@@ -122,9 +139,16 @@ def test_pictures_reach_tensorboard(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="pics")
-    trainer = L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, logger=logger,
-                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                        callbacks=[PicturesCallback(num_samples=4, sample_steps=3, num_maps=2)])
+    trainer = L.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        val_check_interval=2,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[PicturesCallback(num_samples=4, sample_steps=3, num_maps=2)],
+    )
     trainer.fit(tiny_mulan(), datamodule=EmbeddedDataModule(batch_size=8))
     events = EventAccumulator(logger.log_dir)
     events.Reload()
@@ -136,9 +160,25 @@ def test_predict_writes_uint8_samples_and_figures(tmp_path: Path) -> None:
     main(["fit", "--config", str(CONF / "mulan_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)])
     ckpt = next(tmp_path.rglob("*.ckpt"))
     out = tmp_path / "samples"
-    cli = build_cli(["predict", "--ckpt_path", str(ckpt), "--model.init_args.sample_steps", "3", "--trainer.logger", "false",
-          "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(tmp_path), "--predict_output_dir", str(out)])
+    cli = build_cli(
+        [
+            "predict",
+            "--ckpt_path",
+            str(ckpt),
+            "--model.init_args.sample_steps",
+            "3",
+            "--trainer.logger",
+            "false",
+            "--trainer.limit_predict_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--predict_output_dir",
+            str(out),
+        ]
+    )
     assert cli.model.sample_steps == 3  # a command-line override applies on top of the checkpoint's config
     assert cli.model.model.latent.dim == 10  # ... which is otherwise the one the checkpoint was trained with
     samples = np.load(out / "samples.npz")["samples"]
@@ -148,10 +188,12 @@ def test_predict_writes_uint8_samples_and_figures(tmp_path: Path) -> None:
 
 
 def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path) -> None:
-    callback = EvaluationCallback(num_images=4, num_times=4, fid=False, ode_images=2, ode_draws=2,
-                                  ode_rtol=1e-3, ode_atol=1e-3, progress=False)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[callback], limit_test_batches=1,
-                        default_root_dir=tmp_path)
+    callback = EvaluationCallback(
+        num_images=4, num_times=4, fid=False, ode_images=2, ode_draws=2, ode_rtol=1e-3, ode_atol=1e-3, progress=False
+    )
+    trainer = L.Trainer(
+        logger=False, enable_progress_bar=False, callbacks=[callback], limit_test_batches=1, default_root_dir=tmp_path
+    )
     trainer.test(tiny_mulan(), datamodule=EmbeddedDataModule(batch_size=4))
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["test/ode_bpd"]) and metrics["test/ode_nfe"] > 0

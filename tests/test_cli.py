@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +25,17 @@ def fit(config: str, root: Path, *extra: str) -> Path:
 
 @pytest.mark.parametrize("config", ["vdm_tiny.yaml", "mulan_tiny.yaml"])
 def test_fast_dev_run(config: str, tmp_path: Path) -> None:
-    cli = build_cli(["fit", "--config", str(CONF / config), "--trainer.fast_dev_run", "true",
-                     "--trainer.default_root_dir", str(tmp_path)])
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(CONF / config),
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert cli.trainer.global_step == 1
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
 
@@ -38,9 +46,19 @@ def test_fast_dev_run(config: str, tmp_path: Path) -> None:
 )
 def test_fit_then_test_from_checkpoint_alone(config: str, schedule: type, latent: type, tmp_path: Path) -> None:
     ckpt = fit(config, tmp_path)
-    cli = build_cli(["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false",
-                     "--trainer.default_root_dir", str(tmp_path),
-                     "--trainer.enable_progress_bar", "false"])
+    cli = build_cli(
+        [
+            "test",
+            "--ckpt_path",
+            str(ckpt),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     # The model and data were rebuilt from the checkpoint's saved configuration alone ...
     assert isinstance(cli.model.model.schedule, schedule)
     assert isinstance(cli.model.model.latent, latent)

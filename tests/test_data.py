@@ -46,9 +46,7 @@ def test_digits_batch_is_uint8_and_equals_sklearn_rescaled() -> None:
     assert torch.equal(train[5, 0], expected)
     all_images = dm.all_images()[:, 0]
     assert torch.equal(all_images[raw == 16].unique(), torch.tensor([255], dtype=torch.uint8))
-    assert torch.equal(
-        all_images[raw == 8].unique(), torch.tensor([128], dtype=torch.uint8)
-    )  # 127.5 rounds up
+    assert torch.equal(all_images[raw == 8].unique(), torch.tensor([128], dtype=torch.uint8))  # 127.5 rounds up
 
 
 def test_embedded_splits_disjoint_cover_and_seeded() -> None:
@@ -211,9 +209,7 @@ def _write_pickle(path: Path, obj: object) -> None:
 def test_imagenet32_new_reads_pickles_and_prefers_npz(tmp_path: Path) -> None:
     train = _rng_images(20, (3, 32, 32), seed=1)  # CHW images
     for i in range(10):
-        _write_pickle(
-            tmp_path / f"train_data_batch_{i + 1}", {"data": train[2 * i : 2 * i + 2].reshape(2, 3072)}
-        )
+        _write_pickle(tmp_path / f"train_data_batch_{i + 1}", {"data": train[2 * i : 2 * i + 2].reshape(2, 3072)})
     val = _rng_images(3, (3, 32, 32), seed=2)
     _write_pickle(tmp_path / "val_data", {"data": np.zeros((3, 3072), np.uint8), "labels": [1, 2, 3]})
     np.savez(tmp_path / "val_data.npz", data=val.reshape(3, 3072))

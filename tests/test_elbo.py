@@ -54,9 +54,7 @@ def _gaussian_data(n: int, seed: int) -> Tensor:
 def _exact_gaussian_diffusion(gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> float:
     """1/2 sum_i [log(1 + s_i^2 e^-gamma_min) - log(1 + s_i^2 e^-gamma_max)] (float64)."""
     s2 = S.square()
-    return float(
-        0.5 * (torch.log1p(s2 * math.exp(-gamma_min)) - torch.log1p(s2 * math.exp(-gamma_max))).sum()
-    )
+    return float(0.5 * (torch.log1p(s2 * math.exp(-gamma_min)) - torch.log1p(s2 * math.exp(-gamma_max))).sum())
 
 
 def _exact_gaussian_discrete(steps: int) -> float:
@@ -228,9 +226,7 @@ def test_discrete_loss_decreases_towards_continuous():
 
 
 def test_reconstruction_loss_matches_explicit_loop():
-    images = torch.tensor(
-        [[[[0, 255], [128, 37]]], [[[1, 254], [127, 200]]]], dtype=torch.uint8
-    )  # (2, 1, 2, 2)
+    images = torch.tensor([[[[0, 255], [128, 37]]], [[[1, 254], [127, 200]]]], dtype=torch.uint8)  # (2, 1, 2, 2)
     noise = torch.tensor([[[[0.3, -1.2], [2.0, 0.1]]], [[[-0.5, 0.7], [1.5, -2.2]]]])
     gamma_0 = torch.tensor([-6.0, -8.5]).view(2, 1, 1, 1)  # per example; broad decoder (several bins matter)
     out = elbo.reconstruction_loss(images, gamma_0, noise)
@@ -253,9 +249,7 @@ def test_reconstruction_loss_matches_explicit_loop():
 
 
 def test_reconstruction_loss_per_dimension_gamma():
-    images = torch.randint(
-        0, 256, (3, 2, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
-    )
+    images = torch.randint(0, 256, (3, 2, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     noise = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(1))
     gamma_0 = torch.linspace(-9, -5, 8).view(1, 2, 2, 2)
     per_dim = elbo.reconstruction_loss(images, gamma_0, noise)
@@ -333,9 +327,7 @@ def test_gaussian_reconstruction_loss_is_gaussian_nll():
     gamma_0 = torch.tensor(-4.0).view(1, 1, 1, 1)
     out = elbo.gaussian_reconstruction_loss(x, gamma_0, noise)
     z_tilde = x + math.exp(-2.0) * noise  # z_0 / alpha_0
-    expected = (
-        -torch.distributions.Normal(z_tilde.double(), math.exp(-2.0)).log_prob(x.double()).flatten(1).sum(1)
-    )
+    expected = -torch.distributions.Normal(z_tilde.double(), math.exp(-2.0)).log_prob(x.double()).flatten(1).sum(1)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -359,19 +351,11 @@ class ScalarPolynomial(NoiseSchedule):
         td = t.double()
 
         def f(u):
-            return (
-                a * a * u**5 / 5
-                + a * b * u**4 / 2
-                + (b * b + 2 * a * c) * u**3 / 3
-                + b * c * u**2
-                + c * c * u
-            )
+            return a * a * u**5 / 5 + a * b * u**4 / 2 + (b * b + 2 * a * c) * u**3 / 3 + b * c * u**2 + c * c * u
 
         f1 = f(torch.ones_like(td))
         span = self.gamma_max - self.gamma_min
-        return (self.gamma_min + span * f(td) / f1).float(), (
-            span * (a * td**2 + b * td + c) ** 2 / f1
-        ).float()
+        return (self.gamma_min + span * f(td) / f1).float(), (span * (a * td**2 + b * td + c) ** 2 / f1).float()
 
 
 def _constant_polynomial(shape, latent_dim):
@@ -444,17 +428,13 @@ def test_antithetic_times_equally_spaced_mod_1(n):
 
 
 def test_antithetic_times_offset_is_random():
-    firsts = torch.stack(
-        [elbo.antithetic_times(4, generator=torch.Generator().manual_seed(s))[0] for s in range(20)]
-    )
+    firsts = torch.stack([elbo.antithetic_times(4, generator=torch.Generator().manual_seed(s))[0] for s in range(20)])
     assert firsts.unique().numel() == 20
 
 
 @pytest.mark.parametrize("steps", [1, 4, 1000])
 def test_discretise_times_on_grid(steps):
-    u = torch.cat(
-        [torch.tensor([0.0, 0.999999]), torch.rand(200, generator=torch.Generator().manual_seed(0))]
-    )
+    u = torch.cat([torch.tensor([0.0, 0.999999]), torch.rand(200, generator=torch.Generator().manual_seed(0))])
     t, s = elbo.discretise_times(u, steps)
     j = t * steps
     torch.testing.assert_close(j, j.round(), rtol=0, atol=1e-3)

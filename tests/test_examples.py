@@ -10,9 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if (
-    str(ROOT) not in sys.path
-):  # `examples.*` class paths in the example YAMLs resolve from the repository root
+if str(ROOT) not in sys.path:  # `examples.*` class paths in the example YAMLs resolve from the repository root
     sys.path.insert(0, str(ROOT))
 
 from examples import categorical_latent, cosine_schedule, custom_module, pure_torch, small_denoiser  # noqa: E402

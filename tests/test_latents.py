@@ -213,9 +213,7 @@ def test_gradients_reach_schedule_and_encoder_in_full_mulan_model():
     denoiser = UNet(SHAPE, m, channels=16, num_blocks=1, dropout=0.0)
     model = DiffusionModel(SHAPE, schedule, denoiser, latent).train()
     assert schedule.head_a.weight.abs().max() == 0
-    images = torch.randint(
-        0, 256, (4, *SHAPE), generator=torch.Generator().manual_seed(13), dtype=torch.uint8
-    )
+    images = torch.randint(0, 256, (4, *SHAPE), generator=torch.Generator().manual_seed(13), dtype=torch.uint8)
     torch.manual_seed(14)
     terms = model(images)
     assert terms.total.shape == (4,) and torch.isfinite(terms.total).all()

@@ -42,9 +42,7 @@ def _single_thread():
 
 SHAPE = (2, 2, 2)
 D = 8
-S = torch.logspace(
-    math.log10(0.3), math.log10(2.0), D, dtype=torch.float64
-)  # anisotropic standard deviations
+S = torch.logspace(math.log10(0.3), math.log10(2.0), D, dtype=torch.float64)  # anisotropic standard deviations
 GAMMA_MAX_LARGE = 15.0
 
 
@@ -87,9 +85,7 @@ def _rotated_covariance(seed: int = 0) -> Tensor:
     return rotation @ torch.diag(S.square()) @ rotation.T
 
 
-def _gaussian_case(
-    cov: Tensor, schedule: NoiseSchedule, n: int, seed: int
-) -> tuple[DiffusionModel, Tensor, Tensor]:
+def _gaussian_case(cov: Tensor, schedule: NoiseSchedule, n: int, seed: int) -> tuple[DiffusionModel, Tensor, Tensor]:
     """Model, data (n, *SHAPE) float64 and the exact ``log N(x; 0, cov)`` (n,) in nats."""
     model = DiffusionModel(SHAPE, schedule, GaussianDenoiser(cov))
     normal = torch.distributions.MultivariateNormal(torch.zeros(D, dtype=torch.float64), cov)
@@ -152,9 +148,7 @@ def test_dequantise_inside_bin_and_density() -> None:
     """``x~`` stays inside the pixel's bin and ``log q`` is the truncated-normal density scaled by sigma_0."""
     from scipy.stats import truncnorm
 
-    images = torch.randint(
-        0, 256, (64, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+    images = torch.randint(0, 256, (64, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     scale = torch.full((64, 1, 1, 1), math.exp(-13.3 / 2))
     x_tilde, log_q = dequantise(images, scale, torch.Generator().manual_seed(1), torch.float64)
     x = elbo.to_unit_interval(images).double()
@@ -214,9 +208,7 @@ def test_uniform_8bit_data_gives_8_bits(exact_divergence: bool) -> None:
     shape = (1, 1, 2)
     schedule = FixedLinear(shape, 0, gamma_min=-16.0, gamma_max=GAMMA_MAX_LARGE)
     model = DiffusionModel(shape, schedule, UniformDenoiser())
-    images = torch.randint(
-        0, 256, (16, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+    images = torch.randint(0, 256, (16, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images[:2] = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 2)  # the edge bins too
     result = ode_likelihood(
         model,
@@ -237,9 +229,7 @@ def test_uniform_8bit_data_default_gamma_min() -> None:
     expectation is a bound). The typical image still costs 8.0039 bits/dim and the mean stays >= 8 - 4 SE."""
     shape = (1, 1, 2)
     model = DiffusionModel(shape, FixedLinear(shape, 0, gamma_max=GAMMA_MAX_LARGE), UniformDenoiser())
-    images = torch.randint(
-        0, 256, (64, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+    images = torch.randint(0, 256, (64, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     result = ode_likelihood(model, images, exact_divergence=True, generator=torch.Generator().manual_seed(1))
     assert abs(result.bpd.median().item() - _uniform_expected_bpd()) < 1e-3
     assert result.bpd.mean() > 8 - 4 * result.bpd.std() / 8
@@ -263,9 +253,7 @@ def test_ode_likelihood_tiny_mulan_adds_latent_cost() -> None:
     """The honest latent cost log C(m, k) is included; seeded runs reproduce; exact and Hutchinson agree
     in the mean; the dataset helper concatenates."""
     model = _tiny_mulan()
-    images = torch.randint(
-        0, 256, (3, 1, 3, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+    images = torch.randint(0, 256, (3, 1, 3, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     opts = {"rtol": 1e-4, "atol": 1e-4}
     first = ode_likelihood(model, images, generator=torch.Generator().manual_seed(1), **opts)
     again = ode_likelihood(model, images, generator=torch.Generator().manual_seed(1), **opts)
@@ -278,9 +266,7 @@ def test_ode_likelihood_tiny_mulan_adds_latent_cost() -> None:
     x_tilde, log_q = dequantise(images, dequantisation_scale(model, z, 3), g)
     log_p = ode_log_density(model, x_tilde, z, generator=g, **opts).log_p
     assert torch.allclose(first.nll_nats, log_binomial(6, 2) - (log_p - log_q), atol=1e-4)
-    exact = ode_likelihood(
-        model, images, exact_divergence=True, generator=torch.Generator().manual_seed(1), **opts
-    )
+    exact = ode_likelihood(model, images, exact_divergence=True, generator=torch.Generator().manual_seed(1), **opts)
     # same dequantisation draws, probe vs exact trace: the divergence integral differs only by probe noise
     assert (exact.nll_nats - first.nll_nats).abs().max() < 0.5 * 6
     both = ode_likelihood_dataset(

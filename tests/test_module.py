@@ -113,12 +113,27 @@ def test_bad_batches_are_named(images: torch.Tensor, error: type, match: str) ->
 def test_fit_with_trainer_logs_every_term(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = tiny_module()
-    trainer = L.Trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=3,
+        limit_val_batches=1,
+        val_check_interval=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=EmbeddedDataModule(batch_size=8))
     metrics = trainer.callback_metrics
-    for name in ("val/bpd", "val/recon_bpd", "val/prior_bpd", "val/diffusion_bpd", "val/latent_bpd",
-                 "val/latent_surrogate_bpd", "val/bpd_stderr", "train/bpd_step"):
+    for name in (
+        "val/bpd",
+        "val/recon_bpd",
+        "val/prior_bpd",
+        "val/diffusion_bpd",
+        "val/latent_bpd",
+        "val/latent_surrogate_bpd",
+        "val/bpd_stderr",
+        "train/bpd_step",
+    ):
         assert name in metrics and torch.isfinite(metrics[name])
     assert metrics["val/latent_bpd"].item() == pytest.approx(math.log(math.comb(6, 2)) / (64 * math.log(2)))
 
@@ -126,7 +141,8 @@ def test_fit_with_trainer_logs_every_term(tmp_path: Path) -> None:
 def test_pure_torch_core_does_not_import_lightning() -> None:
     code = (
         "import sys, mulan.model, mulan.schedules, mulan.latents, mulan.networks, mulan.elbo, mulan.likelihood;"
-        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), 'lightning imported'"
+        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), "
+        "'lightning imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -141,7 +157,12 @@ def test_paper_configs_carry_the_paper_hyperparameters(config: str) -> None:
     model = cfg["model"]["init_args"]
     unet = model["denoiser"]["init_args"]
     assert unet["channels"] == (256 if "imagenet" in config else 128)
-    assert (unet["num_blocks"], unet["dropout"], unet["attention"], unet["fourier_exponents"]) == (32, 0.1, "mid", [6, 7])
+    assert (unet["num_blocks"], unet["dropout"], unet["attention"], unet["fourier_exponents"]) == (
+        32,
+        0.1,
+        "mid",
+        [6, 7],
+    )
     opt = model["optimizer"]["init_args"]
     assert (opt["lr"], opt["betas"], opt["eps"], opt["weight_decay"]) == (2e-4, [0.9, 0.99], 1e-8, 0.01)
     assert model["lr_scheduler"]["init_args"]["warmup_steps"] == 100

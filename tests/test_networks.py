@@ -60,9 +60,7 @@ def test_unet_variants(attention, gamma_conditioning):
     torch.manual_seed(0)
     # 64 channels: GroupNorm(32) has 2 channels per group, so the per-channel conditioning shift survives it
     # (see test_unet_conditioning_survives_group_norm_with_few_channels)
-    net = UNet(
-        shape, m, channels=64, num_blocks=1, attention=attention, gamma_conditioning=gamma_conditioning
-    )
+    net = UNet(shape, m, channels=64, num_blocks=1, attention=attention, gamma_conditioning=gamma_conditioning)
     n_attn = sum(isinstance(mod, AttentionBlock) for mod in net.modules())
     assert n_attn == (1 + 1 + 2 if attention == "all" else 1)
     x_t, gamma, z = _inputs(shape, latent_dim=m, multivariate=True)
@@ -73,9 +71,7 @@ def test_unet_variants(attention, gamma_conditioning):
     assert out.shape == x_t.shape and torch.isfinite(out).all()
     # a different per-dimension gamma map with the same mean per example
     flat = gamma.flatten(1)
-    shuffled = flat[:, torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(3))].view_as(
-        gamma
-    )
+    shuffled = flat[:, torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(3))].view_as(gamma)
     torch.testing.assert_close(shuffled.flatten(1).mean(1), flat.mean(1))
     out_shuffled = net(x_t, shuffled, z)
     if gamma_conditioning == "mean":
@@ -135,9 +131,7 @@ def test_fourier_features_float32_under_bf16_autocast_and_exact():
     # reference in float64: channels are [sin(c, n) for c, n] then [cos(c, n) for c, n], c-major
     xd = x.double()
     args = [xd[:, c] * (2.0**n * 2 * math.pi) for c in range(3) for n in exponents]
-    ref = torch.cat(
-        [torch.stack([torch.sin(a) for a in args], 1), torch.stack([torch.cos(a) for a in args], 1)], 1
-    )
+    ref = torch.cat([torch.stack([torch.sin(a) for a in args], 1), torch.stack([torch.cos(a) for a in args], 1)], 1)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4)
 
 

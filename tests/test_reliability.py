@@ -109,8 +109,18 @@ class DrawRecordingModule(DiffusionModule):
                 replay = bpd_terms_with(self, batch, t, noise, eps)[:, 0].mean()
         seed = torch.initial_seed()
         loss = super().training_step(batch, batch_idx)
-        self.records.append({"step": self.global_step, "rank": self.global_rank, "seed": seed, "t": t,
-                             "noise": noise, "eps": eps, "loss": loss.detach(), "replay": replay})
+        self.records.append(
+            {
+                "step": self.global_step,
+                "rank": self.global_rank,
+                "seed": seed,
+                "t": t,
+                "noise": noise,
+                "eps": eps,
+                "loss": loss.detach(),
+                "replay": replay,
+            }
+        )
         return loss
 
 
@@ -126,12 +136,19 @@ class LossRecorder(Callback):
 def _resume_run(root: Path, max_steps: int, ckpt_path: str | None = None, every: int = 2):
     """A deterministic CPU fit: AdamW + 3-step warm-up + EMA, 4 steps per epoch, validation every epoch."""
     L.seed_everything(0)
-    module = DiffusionModule(**vdm_kwargs(optimizer=partial(AdamW, lr=1e-3),
-                                          lr_scheduler=partial(LinearWarmup, warmup_steps=3)))
+    module = DiffusionModule(
+        **vdm_kwargs(optimizer=partial(AdamW, lr=1e-3), lr_scheduler=partial(LinearWarmup, warmup_steps=3))
+    )
     recorder = LossRecorder()
     checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1, save_last=True)
-    trainer = L.Trainer(**TRAINER, max_steps=max_steps, limit_val_batches=1, default_root_dir=root,
-                        callbacks=[EMAWeightAveraging(decay=0.9), checkpoints, recorder], deterministic=True)
+    trainer = L.Trainer(
+        **TRAINER,
+        max_steps=max_steps,
+        limit_val_batches=1,
+        default_root_dir=root,
+        callbacks=[EMAWeightAveraging(decay=0.9), checkpoints, recorder],
+        deterministic=True,
+    )
     data = SyntheticDataModule(SHAPE, num_train=16, num_eval=4, batch_size=4)
     with torch.serialization.safe_globals(SAFE):  # the hyper-parameters hold these factories
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -160,7 +177,9 @@ def test_resume_at_epoch_boundary_continues_exactly(tmp_path: Path) -> None:
     from (seed, step, rank) and each epoch's shuffle from (seed, epoch), and stores the seed in checkpoints."""
     _, _, full = _resume_run(tmp_path / "full", 6)
     _resume_run(tmp_path / "first", 4)
-    _, trainer, resumed = _resume_run(tmp_path / "resumed", 6, ckpt_path=str(tmp_path / "first" / "epoch=0-step=4.ckpt"))
+    _, trainer, resumed = _resume_run(
+        tmp_path / "resumed", 6, ckpt_path=str(tmp_path / "first" / "epoch=0-step=4.ckpt")
+    )
     assert sorted(resumed) == [5, 6]
     assert resumed == pytest.approx({k: full[k] for k in (5, 6)}, abs=1e-6)
     ends = [torch.load(tmp_path / run / "last.ckpt", weights_only=False) for run in ("full", "resumed")]
@@ -206,13 +225,15 @@ def _ddp_worker(out: str) -> None:
     L.seed_everything(0)
     module = DrawRecordingModule(**vdm_kwargs(schedule=FixedLinear))
     L.Trainer(**ddp, max_steps=2, limit_val_batches=0).fit(
-        module, datamodule=SyntheticDataModule(SHAPE, num_train=16, batch_size=4))
+        module, datamodule=SyntheticDataModule(SHAPE, num_train=16, batch_size=4)
+    )
     torch.save(module.records, out_dir / f"draws_{rank}.pt")
     # (b) one SGD step on a global batch of 8 (4 per rank) with draws fixed per example
     L.seed_everything(0)
     module = GradRecordingModule(**vdm_kwargs(optimizer=SGD, lr_scheduler=ONE_STEP))
     L.Trainer(**ddp, max_steps=1, limit_val_batches=0).fit(
-        module, datamodule=SyntheticDataModule(SHAPE, num_train=8, batch_size=4))
+        module, datamodule=SyntheticDataModule(SHAPE, num_train=8, batch_size=4)
+    )
     results = {"grad": module.record, "final": module.state_dict()}
     # (c) the synced test metric over 12 images (6 per rank), then 11 (the sampler pads one duplicate)
     tester = L.Trainer(**ddp)
@@ -233,12 +254,29 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Runs ``_ddp_worker`` as 2 processes (rank 0 and 1) joined by gloo, as a launcher such as torchrun does;
     Lightning sees the environment and uses those processes rather than spawning its own."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-           "NODE_RANK": "0", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
-           f"import test_reliability as t; t._ddp_worker({str(out)!r})"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+        "NODE_RANK": "0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import test_reliability as t; t._ddp_worker({str(out)!r})"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-3000:]
@@ -329,8 +367,11 @@ def test_checkpoint_tested_on_data_of_another_shape_is_refused(vdm_ckpt: Path) -
     """The U-Net and a scalar schedule would load into a model of any image size and give a bound for
     the wrong data set without complaint: the module compares the checkpoint's image shape with the data's."""
     data = _data("mulan.lightning.data.EmbeddedDataModule", image_size=16)
-    with pytest.raises(ValueError, match=r"trained on images of shape \(1, 8, 8\).*data given now has shape "
-                                         r"\(1, 16, 16\).*leave out --data"):
+    with pytest.raises(
+        ValueError,
+        match=r"trained on images of shape \(1, 8, 8\).*data given now has shape "
+        r"\(1, 16, 16\).*leave out --data",
+    ):
         main(["test", "--ckpt_path", str(vdm_ckpt), data, *TEST_ARGS])
 
 
@@ -341,11 +382,17 @@ def test_checkpoint_of_another_model_configuration_is_named(vdm_ckpt: Path, tmp_
     from mulan.lightning.data import EmbeddedDataModule
     from mulan.schedules import Polynomial
 
-    module = DiffusionModule(**vdm_kwargs(schedule=partial(Polynomial, hidden=8),
-                                          latent=partial(KHotLatent, m=6, k=2, channels=8, num_blocks=1)))
+    module = DiffusionModule(
+        **vdm_kwargs(
+            schedule=partial(Polynomial, hidden=8), latent=partial(KHotLatent, m=6, k=2, channels=8, num_blocks=1)
+        )
+    )
     trainer = L.Trainer(**TRAINER, default_root_dir=tmp_path)
-    with pytest.raises(RuntimeError, match=r"(?s)checkpoint '.*\.ckpt' was trained with a different model "
-                                           r"configuration.*Missing key.*test it without --model"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)checkpoint '.*\.ckpt' was trained with a different model "
+        r"configuration.*Missing key.*test it without --model",
+    ):
         trainer.test(module, datamodule=EmbeddedDataModule(), ckpt_path=str(vdm_ckpt))
 
 
@@ -369,22 +416,41 @@ def test_non_uint8_data_is_refused_before_training(dtype: torch.dtype, tmp_path:
 
 def test_empty_split_through_the_cli(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"the 'val' split is empty \(0 images\)\. Increase val_fraction"):
-        main(["fit", "--config", str(CONF / "vdm_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
-              "--data.init_args.val_fraction", "0"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONF / "vdm_tiny.yaml"),
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--data.init_args.val_fraction",
+                "0",
+            ]
+        )
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_missing_data_directory_through_the_cli(tmp_path: Path) -> None:
     data = _data("mulan.lightning.data.CIFAR10DataModule", root=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=r"(?s)CIFAR-10 not found.*nowhere/cifar-10-batches-py/.*"
-                                                r"data_batch_1.*--data.init_args.download true"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"(?s)CIFAR-10 not found.*nowhere/cifar-10-batches-py/.*"
+        r"data_batch_1.*--data.init_args.download true",
+    ):
         main(["fit", "--config", str(CONF / "vdm_tiny.yaml"), data, "--trainer.default_root_dir", str(tmp_path)])
 
 
 def test_misspelt_class_path_is_named(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONF / "vdm_tiny.yaml"),
-              "--model.init_args.schedule.class_path", "mulan.schedules.LearnedScaler"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONF / "vdm_tiny.yaml"),
+                "--model.init_args.schedule.class_path",
+                "mulan.schedules.LearnedScaler",
+            ]
+        )
     assert "LearnedScaler" in capsys.readouterr().err
 
 
@@ -431,7 +497,8 @@ def test_every_checkpoint_load_in_src_passes_weights_only_true() -> None:
     for path, call in calls:
         kw = {k.arg: k.value for k in call.keywords}
         assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, (
-            f"{path.relative_to(ROOT)}:{call.lineno}: {ast.unparse(call)} must pass weights_only=True")
+            f"{path.relative_to(ROOT)}:{call.lineno}: {ast.unparse(call)} must pass weights_only=True"
+        )
 
 
 class _Payload:
@@ -458,7 +525,7 @@ def test_dependency_spec_excludes_the_malicious_lightning_releases() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     spec = [d for d in deps if d.replace(" ", "").startswith("lightning") and not d.startswith("lightning-")]
     assert len(spec) == 1
-    specifiers = SpecifierSet(spec[0][len("lightning"):])
+    specifiers = SpecifierSet(spec[0][len("lightning") :])
     for bad in ("2.6.2", "2.6.3"):
         assert Version(bad) not in specifiers
     assert Version(version("lightning")) in specifiers

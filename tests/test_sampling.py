@@ -105,9 +105,7 @@ def test_ancestral_variance_follows_exact_recursion(kind: str) -> None:
     model, n, steps = _gaussian_model(SCHEDULES[kind]()), 40000, 8
     result = ancestral_sample(model, n, steps=steps, decode=None, generator=torch.Generator().manual_seed(1))
     predicted = _predicted_ancestral_variance(model, steps)
-    assert (
-        result.samples.dtype == torch.float32 and result.samples.shape == (n, *SHAPE) and result.nfe == steps
-    )
+    assert result.samples.dtype == torch.float32 and result.samples.shape == (n, *SHAPE) and result.nfe == steps
     assert ((_sample_variance(result) - predicted).abs() < 4 * predicted * math.sqrt(2 / n)).all()
     assert ((predicted / S.square() - 1).abs() > 0.1).any()  # few steps: visibly different from s^2
 
@@ -189,9 +187,7 @@ def test_ode_sample_variance_matches_data(kind: str) -> None:
 def test_ode_round_trip(kind: str) -> None:
     """Encoding data to x_1 gives N(0, I)-distributed codes, and decoding them back recovers x (float64)."""
     model, n = _gaussian_model(SCHEDULES[kind]()), 2000
-    x = (torch.randn(n, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * S).view(
-        n, *SHAPE
-    )
+    x = (torch.randn(n, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * S).view(n, *SHAPE)
     x_1, nfe = ode_encode(model, x, rtol=1e-8, atol=1e-8, dtype=torch.float64)
     codes_var = x_1.reshape(n, -1).var(0)
     assert ((codes_var - 1).abs() < 4 * math.sqrt(2 / n)).all(), codes_var
@@ -213,9 +209,7 @@ def test_progress_bars_run() -> None:
     """``progress=True`` (a transient rich bar) changes nothing in the results."""
     model = _gaussian_model(FixedLinear(SHAPE, 0))
     quiet = ancestral_sample(model, 4, steps=3, generator=torch.Generator().manual_seed(0), decode=None)
-    shown = ancestral_sample(
-        model, 4, steps=3, generator=torch.Generator().manual_seed(0), decode=None, progress=True
-    )
+    shown = ancestral_sample(model, 4, steps=3, generator=torch.Generator().manual_seed(0), decode=None, progress=True)
     assert torch.equal(quiet.samples, shown.samples)
     x_1 = torch.randn(4, *SHAPE)
     assert torch.equal(

@@ -161,9 +161,7 @@ def test_monotone_nn_learned_endpoints_are_gamma0_and_gamma0_plus_abs_delta():
     assert g[0].item() == pytest.approx(-10.0, abs=2e-5)
     assert g[1].item() == pytest.approx(2.5, abs=2e-5)
     e0, e1 = s.endpoints(None, 3)
-    assert torch.allclose(e0, torch.full((3, 1, 1, 1), -10.0)) and torch.allclose(
-        e1, torch.full((3, 1, 1, 1), 2.5)
-    )
+    assert torch.allclose(e0, torch.full((3, 1, 1, 1), -10.0)) and torch.allclose(e1, torch.full((3, 1, 1, 1), 2.5))
     # perturb the interior again: endpoints stay put
     with torch.no_grad():
         s.w2.mul_(3.0)
@@ -291,9 +289,7 @@ def test_polynomial_constant_across_dims_equals_scalar_polynomial(reduce):
     ref_g, ref_d = _scalar_poly(a, b, c, t)
     ref_g, ref_d = ref_g.float().view(-1, 1, 1, 1), ref_d.float().view(-1, 1, 1, 1)
     torch.testing.assert_close(gamma, ref_g.expand_as(gamma), rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(
-        dgamma, ref_d.expand_as(dgamma), rtol=1e-5, atol=1e-5 * ref_d.abs().max().item()
-    )
+    torch.testing.assert_close(dgamma, ref_d.expand_as(dgamma), rtol=1e-5, atol=1e-5 * ref_d.abs().max().item())
     # non-linear in t (a, b non-zero): the polynomial is not the linear schedule
     assert (ref_g[4] - (GAMMA_MIN + SPAN * t[4])).abs() > 0.1
 

@@ -7,13 +7,13 @@ import pickle
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
+
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mulan.lightning.callbacks import SampleWriter
 from mulan.lightning.module import DiffusionModule
-
 
 EVAL_SUBCOMMANDS = ("test", "validate", "predict")
 
@@ -73,7 +73,10 @@ class MulanCLI(LightningCLI):
             "--predict_output_dir", type=str, default="samples", help="Where `predict` writes samples and figures."
         )
         parser.add_argument(
-            "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint and print where the logs are."
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, test the best checkpoint and print where the logs are.",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -122,8 +125,9 @@ class MulanCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        if self.subcommand == "predict" and not any(isinstance(c, SampleWriter) for c in trainer.callbacks):
-            trainer.callbacks.append(SampleWriter(self.config.predict.predict_output_dir))
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # a Trainer property mypy doesn't see
+        if self.subcommand == "predict" and not any(isinstance(c, SampleWriter) for c in callbacks):
+            callbacks.append(SampleWriter(self.config.predict.predict_output_dir))
         return trainer
 
     def after_fit(self) -> None:

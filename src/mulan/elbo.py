@@ -127,7 +127,9 @@ def discrete_diffusion_loss(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma
     return sum_per_example(0.5 * steps * torch.expm1(gamma_t - gamma_s) * (eps - eps_hat.float()).square())
 
 
-def antithetic_times(batch_size: int, device: torch.device | None = None, generator: torch.Generator | None = None) -> Tensor:
+def antithetic_times(
+    batch_size: int, device: torch.device | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """Low-discrepancy times ``t_j = (u + j / n) mod 1`` with one ``u ~ U[0, 1)`` per call. Shape (B,)."""
     u = torch.rand((), device=device, generator=generator)
     return torch.remainder(u + torch.arange(batch_size, device=device) / batch_size, 1.0)

@@ -68,9 +68,7 @@ def snr_variance(model: DiffusionModel, num_latents: int = 64, num_times: int = 
         z = model.latent.sample_prior(num_latents, device)
     count = z.shape[0] if z is not None else num_latents
     times = torch.linspace(0.0, 1.0, num_times, device=device)
-    variance = torch.stack(
-        [torch.exp(-model.schedule.gamma(t.expand(count), z)).var(0).mean() for t in times]
-    ).cpu()
+    variance = torch.stack([torch.exp(-model.schedule.gamma(t.expand(count), z)).var(0).mean() for t in times]).cpu()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot(times.cpu(), variance)
     ax.set_yscale("symlog", linthresh=1e-6)

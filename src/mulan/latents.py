@@ -64,7 +64,9 @@ class ImageEncoder(nn.Module):
         c, h, w = image_shape
         self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
         self.blocks = nn.ModuleList(ResnetBlock(channels, channels) for _ in range(num_blocks))
-        self.mid = nn.ModuleList([ResnetBlock(channels, channels), AttentionBlock(channels), ResnetBlock(channels, channels)])
+        self.mid = nn.ModuleList(
+            [ResnetBlock(channels, channels), AttentionBlock(channels), ResnetBlock(channels, channels)]
+        )
         self.norm_out = group_norm(channels)
         self.conv_out = nn.Conv2d(channels, 1, 3, padding=1)
         self.dense = nn.Linear(h * w, outputs)

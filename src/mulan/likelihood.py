@@ -241,9 +241,7 @@ def ode_likelihood(
     log_weights, nfes = [], []
     for _ in range(num_draws):
         x_tilde, log_q = dequantise(images, scale, generator, dtype)
-        result = ode_log_density(
-            model, x_tilde, latent.z, rtol, atol, dtype, exact_divergence, generator, progress
-        )
+        result = ode_log_density(model, x_tilde, latent.z, rtol, atol, dtype, exact_divergence, generator, progress)
         log_weights.append(result.log_p - log_q)
         nfes.append(result.nfe)
     log_mean = torch.logsumexp(torch.stack(log_weights), 0) - math.log(num_draws)

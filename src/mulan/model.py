@@ -73,7 +73,7 @@ class DiffusionModel(nn.Module):
         super().__init__()
         if timesteps < 0:
             raise ValueError(f"timesteps must be 0 (continuous time) or a positive step count, got {timesteps}.")
-        self.image_shape = tuple(int(s) for s in image_shape)
+        self.image_shape: ImageShape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
         self.num_dims = math.prod(self.image_shape)
         self.schedule, self.denoiser = schedule, denoiser
         self.latent = latent if latent is not None else NoLatent(self.image_shape)

@@ -42,6 +42,8 @@ class FourierFeatures(nn.Module):
     Computed in float32 with autocast off: at ``n = 7`` the arguments reach ``~800`` rad, which bf16 destroys.
     """
 
+    freqs: Tensor
+
     def __init__(self, exponents: Sequence[int] = (6, 7)) -> None:
         super().__init__()
         freqs = torch.tensor([2.0**n * 2 * math.pi for n in exponents])

@@ -194,9 +194,7 @@ class Polynomial(NoiseSchedule):
         self.multivariate = reduce == "none"
         dim = math.prod(image_shape)
         hidden = hidden or dim
-        self.net = nn.Sequential(
-            nn.Linear(max(latent_dim, 1), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
-        )
+        self.net = nn.Sequential(nn.Linear(max(latent_dim, 1), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.head_a, self.head_b, self.head_c = (nn.Linear(hidden, dim) for _ in range(3))
         nn.init.zeros_(self.head_a.weight)
         nn.init.zeros_(self.head_a.bias)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
-from PIL import Image
 from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from mulan.figures import image_grid, schedule_maps, snr_variance
+from mulan.lightning.module import DiffusionModule
 from mulan.likelihood import dense_elbo, ode_likelihood
 from mulan.sampling import ancestral_sample
 
@@ -52,7 +55,8 @@ class EvaluationCallback(L.Callback):
     trainer's ``val_check_interval``; 0: never); during test always. The model in use is the one validation/test uses
     (the EMA weights with Lightning's EMA callback). Logged: ``{stage}/dense_bpd``, ``{stage}/dense_bpd_stderr``,
     ``{stage}/fid``, ``{stage}/kid_mean``, ``{stage}/kid_std``, and with ``ode_images > 0`` the probability-flow
-    ODE bound ``{stage}/ode_bpd`` (+ ``_stderr``), its mean NFE ``{stage}/ode_nfe`` and ``{stage}/ode_seconds_per_image``.
+    ODE bound ``{stage}/ode_bpd`` (+ ``_stderr``), its mean NFE ``{stage}/ode_nfe`` and
+    ``{stage}/ode_seconds_per_image``.
 
     Args:
         num_images: real images (from the loader) used for the dense ELBO and as FID's real set.
@@ -95,7 +99,7 @@ class EvaluationCallback(L.Callback):
         self.num_samples, self.sample_steps, self.sample_batch_size = num_samples, sample_steps, sample_batch_size
         self.fid, self.kid, self.kid_subset_size, self.progress = fid, kid, kid_subset_size, progress
         self.weights_path, self.feature_extractor = feature_extractor_weights_path, feature_extractor
-        self.metrics: nn.ModuleDict = nn.ModuleDict()
+        self.metrics: dict[str, Metric] = {}
         self._validations = 0
         self._active = False
         self._bpd: list[Tensor] = []
@@ -103,7 +107,7 @@ class EvaluationCallback(L.Callback):
 
     # ------------------------------------------------------------------ set-up: fail early, not after training
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not (self.fid or self.kid) or len(self.metrics):
+        if not (self.fid or self.kid) or self.metrics:
             return
         from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -117,7 +121,8 @@ class EvaluationCallback(L.Callback):
             self.metrics["fid"] = FrechetInceptionDistance(feature=feature)
         if self.kid:
             self.metrics["kid"] = KernelInceptionDistance(feature=feature, subset_size=self.kid_subset_size)
-        self.metrics.to(pl_module.device)
+        for metric in self.metrics.values():
+            metric.to(pl_module.device)
 
     # ------------------------------------------------------------------ per stage
     def _start(self, trainer: L.Trainer, stage: str) -> None:
@@ -131,7 +136,7 @@ class EvaluationCallback(L.Callback):
         for metric in self.metrics.values():
             metric.reset()
 
-    def _batch(self, pl_module: L.LightningModule, batch: Tensor) -> None:
+    def _batch(self, pl_module: DiffusionModule, batch: Tensor) -> None:
         if not self._active or self._seen >= self.num_images:
             return
         images = batch[: self.num_images - self._seen]
@@ -142,33 +147,41 @@ class EvaluationCallback(L.Callback):
             metric.update(_rgb(images), real=True)
         self._ode_batch(pl_module, images)
 
-    def _ode_batch(self, pl_module: L.LightningModule, batch: Tensor) -> None:
+    def _ode_batch(self, pl_module: DiffusionModule, batch: Tensor) -> None:
         if self._ode_seen >= self.ode_images:
             return
         # The ODE's divergence needs autograd, which Lightning's evaluation loops switch off.
         with torch.inference_mode(False), torch.enable_grad():
             images = batch[: self.ode_images - self._ode_seen].clone()
             self._ode_seen += images.shape[0]
-            result = ode_likelihood(pl_module.model, images, num_draws=self.ode_draws, rtol=self.ode_rtol,
-                                    atol=self.ode_atol, progress=self.progress)
+            result = ode_likelihood(
+                pl_module.model,
+                images,
+                num_draws=self.ode_draws,
+                rtol=self.ode_rtol,
+                atol=self.ode_atol,
+                progress=self.progress,
+            )
         self._ode.append((result.bpd.detach(), result.nfe.detach().float(), result.seconds_per_image))
 
-    def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _end(self, trainer: L.Trainer, pl_module: DiffusionModule, stage: str) -> None:
         if not self._active:
             return
-        bpd = pl_module.all_gather(torch.cat(self._bpd)).reshape(-1)
+        bpd = cast(Tensor, pl_module.all_gather(torch.cat(self._bpd))).reshape(-1)
         results = {f"{stage}/dense_bpd": bpd.mean(), f"{stage}/dense_bpd_stderr": bpd.std() / math.sqrt(bpd.numel())}
         if self._ode:
-            ode = pl_module.all_gather(torch.cat([b for b, _, _ in self._ode])).reshape(-1)
+            ode = cast(Tensor, pl_module.all_gather(torch.cat([b for b, _, _ in self._ode]))).reshape(-1)
             results[f"{stage}/ode_bpd"] = ode.mean()
             results[f"{stage}/ode_bpd_stderr"] = ode.std() / math.sqrt(ode.numel())
             results[f"{stage}/ode_nfe"] = torch.cat([n.reshape(-1) for _, n, _ in self._ode]).mean()
             results[f"{stage}/ode_seconds_per_image"] = torch.tensor(sum(s for *_, s in self._ode) / len(self._ode))
-        if len(self.metrics):
+        if self.metrics:
             per_rank = math.ceil(self.num_samples / trainer.world_size)
             for start in range(0, per_rank, self.sample_batch_size):
                 samples = ancestral_sample(
-                    pl_module.model, min(self.sample_batch_size, per_rank - start), steps=self.sample_steps,
+                    pl_module.model,
+                    min(self.sample_batch_size, per_rank - start),
+                    steps=self.sample_steps,
                     progress=self.progress and trainer.is_global_zero,
                 ).samples
                 for metric in self.metrics.values():
@@ -210,7 +223,9 @@ class PicturesCallback(L.Callback):
     variance of the SNR across latents against ``t``, to TensorBoard after every ``every_n_validations``-th
     validation. Needs a :class:`~lightning.pytorch.loggers.TensorBoardLogger` (otherwise it does nothing)."""
 
-    def __init__(self, every_n_validations: int = 1, num_samples: int = 64, sample_steps: int = 256, num_maps: int = 4) -> None:
+    def __init__(
+        self, every_n_validations: int = 1, num_samples: int = 64, sample_steps: int = 256, num_maps: int = 4
+    ) -> None:
         super().__init__()
         self.every_n_validations, self.num_samples = every_n_validations, num_samples
         self.sample_steps, self.num_maps = sample_steps, num_maps
@@ -221,7 +236,7 @@ class PicturesCallback(L.Callback):
         if batch_idx == 0:
             self._images = batch[: self.num_maps]
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: DiffusionModule) -> None:  # type: ignore[override]
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         self._validations += 1
@@ -256,9 +271,13 @@ class SampleWriter(BasePredictionWriter):
         samples = torch.cat([p.cpu() for p in predictions])
         np.savez_compressed(self.output_dir / f"samples{suffix}.npz", samples=samples.numpy())
         grid = image_grid(samples[:256]).permute(1, 2, 0).numpy()
-        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(self.output_dir / f"samples{suffix}.png")
+        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(
+            self.output_dir / f"samples{suffix}.png"
+        )
         model = pl_module.model
         if model.schedule.multivariate and self._images is not None:
-            schedule_maps(model, self._images.to(pl_module.device)).savefig(self.output_dir / f"schedule_maps{suffix}.png", dpi=120)
+            schedule_maps(model, self._images.to(pl_module.device)).savefig(
+                self.output_dir / f"schedule_maps{suffix}.png", dpi=120
+            )
             snr_variance(model)[0].savefig(self.output_dir / f"snr_variance{suffix}.png", dpi=120)
         rank_zero_info(f"Wrote {samples.shape[0]} samples and figures to {self.output_dir}/")

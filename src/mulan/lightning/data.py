@@ -89,9 +89,7 @@ def check_images(images: Any, image_shape: Sequence[int], module: str, split: st
         raise TypeError(f"{where} must have dtype torch.uint8, got {images.dtype}.")
     expected = tuple(int(s) for s in image_shape)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-        raise ValueError(
-            f"{where} has shape {tuple(images.shape)}, expected (N, {', '.join(map(str, expected))})."
-        )
+        raise ValueError(f"{where} has shape {tuple(images.shape)}, expected (N, {', '.join(map(str, expected))}).")
     if images.shape[0] == 0:
         raise ValueError(f"{where} is empty (0 images). {hint}".strip())
     return images
@@ -105,8 +103,7 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
     """
     if not (0.0 <= val_fraction and 0.0 <= test_fraction and val_fraction + test_fraction < 1.0):
         raise ValueError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 "
-            "and sum to less than 1."
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to less than 1."
         )
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -132,9 +129,7 @@ class ImageDataModule(L.LightningDataModule):
     the last incomplete batch when at least one full batch exists.
     """
 
-    def __init__(
-        self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0
-    ) -> None:
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size=}, {eval_batch_size=}.")
@@ -438,9 +433,7 @@ def _read_png_dir(folder: Path) -> np.ndarray:
         with Image.open(file) as image:
             array = np.asarray(image.convert("RGB"))
         if array.shape != (32, 32, 3):
-            raise ValueError(
-                f"ImageNet32DataModule: {file} is {array.shape[1]}x{array.shape[0]}, expected 32x32."
-            )
+            raise ValueError(f"ImageNet32DataModule: {file} is {array.shape[1]}x{array.shape[0]}, expected 32x32.")
         images[i] = array
     return images
 
@@ -531,9 +524,7 @@ class ImageNet32DataModule(ImageDataModule):
         try:
             np.savez(npz, data=data)
         except OSError as error:
-            warnings.warn(
-                f"ImageNet32DataModule: could not cache the decoded PNGs as {npz}: {error}", stacklevel=2
-            )
+            warnings.warn(f"ImageNet32DataModule: could not cache the decoded PNGs as {npz}: {error}", stacklevel=2)
 
     def _missing_message(self, part: str, missing: list[str]) -> str:
         head = (
@@ -632,9 +623,7 @@ class EmbeddedDataModule(ImageDataModule):
                 f"EmbeddedDataModule: interpolation must be 'nearest' or 'bilinear', got {interpolation!r}."
             )
         if image_size is not None and not 1 <= image_size <= (427 if source == "photos" else 1024):
-            raise ValueError(
-                f"EmbeddedDataModule: image_size={image_size} is out of range for source={source!r}."
-            )
+            raise ValueError(f"EmbeddedDataModule: image_size={image_size} is out of range for source={source!r}.")
         split_indices(1, val_fraction, test_fraction, seed)  # validates the fractions early
         self.save_hyperparameters()
         self.source, self.image_size, self.interpolation = source, image_size, interpolation
@@ -694,15 +683,13 @@ class SyntheticDataModule(ImageDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         if len(image_shape) != 3 or min(image_shape) < 1:
-            raise ValueError(
-                f"SyntheticDataModule: image_shape must be 3 positive ints (C, H, W), got {image_shape}."
-            )
+            raise ValueError(f"SyntheticDataModule: image_shape must be 3 positive ints (C, H, W), got {image_shape}.")
         self.save_hyperparameters()
         self._image_shape = tuple(int(s) for s in image_shape)
         self.num_train, self.num_eval, self.seed = num_train, num_eval, seed
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:  # type: ignore[override]
+    def image_shape(self) -> tuple[int, int, int]:
         return self._image_shape  # type: ignore[return-value]
 
     def _load_split(self, split: Split) -> Tensor:

@@ -30,11 +30,19 @@ class DigitsFeatures(nn.Module):
 
     num_features = 64
 
-    def __init__(self, weights_path: str = "runs/digits_features.pt", train_if_missing: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self, weights_path: str = "runs/digits_features.pt", train_if_missing: bool = True, seed: int = 0
+    ) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 64),
+            nn.ReLU(),
         )
         self.head = nn.Linear(64, 10)
         path = Path(weights_path)

@@ -15,6 +15,9 @@ class MeanStdErr(Metric):
     """
 
     full_state_update = False
+    total: Tensor
+    total_sq: Tensor
+    count: Tensor
 
     def __init__(self, num_values: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)

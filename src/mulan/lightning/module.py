@@ -3,8 +3,9 @@ the model is :class:`mulan.model.DiffusionModel` (pure torch)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from functools import partial
+from typing import cast
 
 import lightning as L
 import torch
@@ -70,7 +71,7 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        image_shape = tuple(int(s) for s in image_shape)
+        image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
         latent_module = latent(image_shape)
         self.model = DiffusionModel(
             image_shape,
@@ -105,11 +106,17 @@ class DiffusionModule(L.LightningModule):
         if not self.seed_every_step:
             return
         loaders = self.trainer.train_dataloader
-        loaders = loaders.values() if isinstance(loaders, dict) else loaders if isinstance(loaders, list | tuple) else [loaders]
+        loaders = (
+            loaders.values()
+            if isinstance(loaders, dict)
+            else loaders
+            if isinstance(loaders, list | tuple)
+            else [loaders]
+        )
         for loader in loaders:
             sampler = getattr(loader, "sampler", None)
             if type(sampler) is RandomSampler and sampler.generator is None and not hasattr(sampler, "set_epoch"):
-                sampler.set_epoch = partial(_seed_sampler, sampler, self._base_seed)
+                sampler.set_epoch = partial(_seed_sampler, sampler, self._base_seed)  # type: ignore[attr-defined]
 
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         if self.seed_every_step:
@@ -125,15 +132,15 @@ class DiffusionModule(L.LightningModule):
                 f"non-finite loss at global step {self.global_step} (bits/dim per term: {bad}); training "
                 "stopped. The last good checkpoint is kept; lower the learning rate or check the data."
             )
-        self.meters["train_bpd"].update(bpd)
+        self.meter("train").update(bpd)
         self.log("train/bpd_step", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self.meters["val_bpd"].update(self._without_padding(self._bpd_terms(batch), "val"))
+        self.meter("val").update(self._without_padding(self._bpd_terms(batch), "val"))
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self.meters["test_bpd"].update(self._without_padding(self._bpd_terms(batch), "test"))
+        self.meter("test").update(self._without_padding(self._bpd_terms(batch), "test"))
 
     def on_validation_epoch_start(self) -> None:
         self._seen = 0
@@ -152,7 +159,8 @@ class DiffusionModule(L.LightningModule):
         if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
             return bpd
         last = sampler.num_samples - 1  # within-rank position of this rank's last sample
-        if sampler.rank + last * sampler.num_replicas < len(sampler.dataset) or not seen <= last < self._seen:
+        padded = sampler.rank + last * sampler.num_replicas >= len(cast(Sized, sampler.dataset))
+        if not padded or not seen <= last < self._seen:
             return bpd
         return torch.cat([bpd[: last - seen], bpd[last - seen + 1 :]])
 
@@ -160,8 +168,12 @@ class DiffusionModule(L.LightningModule):
         """As many ancestral samples (uint8 (B, C, H, W), ``z`` from the prior) as the batch has images."""
         return ancestral_sample(self.model, batch.shape[0], steps=self.sample_steps).samples
 
+    def meter(self, stage: str) -> MeanStdErr:
+        """The bits/dim meter of ``stage`` (train, val or test)."""
+        return cast(MeanStdErr, self.meters[f"{stage}_bpd"])
+
     def _log_epoch(self, stage: str) -> dict[str, tuple[float, float]]:
-        meter = self.meters[f"{stage}_bpd"]
+        meter = self.meter(stage)
         mean, stderr = meter.compute()
         meter.reset()
         results = {n: (float(m), float(s)) for n, m, s in zip(TERMS, mean, stderr, strict=True)}
@@ -179,7 +191,9 @@ class DiffusionModule(L.LightningModule):
         self.test_results = self._log_epoch("test")
         lines = [f"{'term':<18}{'bits/dim':>12}{'std. err.':>12}"]
         lines += [f"{n:<18}{m:>12.4f}{s:>12.4f}" for n, (m, s) in self.test_results.items()]
-        rank_zero_info("Test bound (one-sample ELBO per image; 'total' uses the honest latent KL):\n" + "\n".join(lines))
+        rank_zero_info(
+            "Test bound (one-sample ELBO per image; 'total' uses the honest latent KL):\n" + "\n".join(lines)
+        )
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -188,7 +202,7 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._base_seed = int(checkpoint.get("mulan_base_seed", self._base_seed))
         saved = checkpoint.get("hyper_parameters", {}).get("image_shape")
-        ours = tuple(int(s) for s in self.hparams.image_shape)
+        ours = tuple(int(s) for s in self.hparams["image_shape"])
         if saved is not None and tuple(int(s) for s in saved) != ours:
             raise ValueError(
                 f"checkpoint {self._checkpoint_name()} was trained on images of shape {tuple(saved)} (C, H, W), but "
@@ -218,8 +232,8 @@ class DiffusionModule(L.LightningModule):
         """Denoiser and schedule+encoder parameters, each split into decayed (weights) and not decayed (biases,
         normalisation scales and other vectors or scalars)."""
 
-        def split(params: Iterator[nn.Parameter], **options) -> list[dict]:
-            params = [p for p in params if p.requires_grad]
+        def split(parameters: Iterator[nn.Parameter], **options) -> list[dict]:
+            params = [p for p in parameters if p.requires_grad]
             decay = [p for p in params if p.ndim >= 2]
             keep = [p for p in params if p.ndim < 2]
             return [{"params": decay, **options}, {"params": keep, **options, "weight_decay": 0.0}]
