@@ -13,14 +13,7 @@ from mulan.model import DiffusionModel
 from mulan.networks import UNet
 from mulan.schedules import Polynomial
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 SHAPE = (3, 4, 6)

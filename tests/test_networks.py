@@ -11,14 +11,7 @@ import torch.nn.functional as F
 
 from mulan.networks import AttentionBlock, FourierFeatures, UNet
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _inputs(shape, batch=2, latent_dim=0, multivariate=False, seed=0):

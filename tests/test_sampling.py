@@ -23,14 +23,7 @@ from mulan.networks import UNet
 from mulan.sampling import SampleResult, ancestral_sample, decode_images, ode_encode, ode_sample
 from mulan.schedules import FixedLinear, NoiseSchedule, Polynomial
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 SHAPE = (1, 2, 2)
