@@ -86,9 +86,10 @@ class MulanCLI(LightningCLI):
             config["weights_only"] = True
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        if args is None or isinstance(args, list):
-            args = self._with_checkpoint_config(list(sys.argv[1:] if args is None else args))
-        super().parse_arguments(parser, args)
+        if args is None or isinstance(args, list):  # command-line style: maybe start from a checkpoint's config
+            self.config = parser.parse_args(self._with_checkpoint_config(list(sys.argv[1:] if args is None else args)))
+        else:
+            super().parse_arguments(parser, args)
 
     def _with_checkpoint_config(self, argv: list[str]) -> list[str]:
         """For ``test``/``validate``/``predict``: require ``--ckpt_path`` and start from the model and data
