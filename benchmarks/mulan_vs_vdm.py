@@ -93,9 +93,17 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, runs in results["arms"].items():
         steps = sorted({int(s) for run in runs.values() for s in run["eval"]})
-        values = torch.tensor([[run["eval"][str(s)]["total"] for s in steps] for run in runs.values()])
-        mean, spread = values.mean(0), values.std(0) if len(runs) > 1 else torch.zeros(len(steps))
-        ax.errorbar(steps, mean, yerr=spread, marker="o", capsize=3, label=arm)
+
+        def curve(key: str, runs: dict = runs, steps: list = steps) -> torch.Tensor:
+            return torch.tensor([[run["eval"][str(s)][key] for s in steps] for run in runs.values()])
+
+        total = curve("total")
+        spread = total.std(0) if len(runs) > 1 else torch.zeros(len(steps))
+        line = ax.errorbar(steps, total.mean(0), yerr=spread, marker="o", capsize=3, label=arm)
+        latent = curve("latent")
+        if latent.abs().max() > 0:  # the same bound without the latent's cost, to show where the gap comes from
+            label = f"{arm} without latent cost"
+            ax.plot(steps, (total - latent).mean(0), ls="--", color=line[0].get_color(), label=label)
     ax.set_xlabel("optimiser steps (batch 64)")
     ax.set_ylabel("test bits/dim (dense ELBO, honest latent KL)")
     ax.set_title("8x8 digits: VDM vs MuLAN, same U-Net (mean ± sd over seeds)")
@@ -133,6 +141,11 @@ def table(results: dict) -> str:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    if args.plot_only:
+        results = json.loads(out.read_text())
+        plot(results, Path(args.figure))
+        print(table(results))
+        return
     results = json.loads(out.read_text()) if out.exists() and args.resume else {"arms": {}}
     results["settings"] = {
         "steps": args.steps,
@@ -171,4 +184,5 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mulan_vs_vdm.json"))
     parser.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "mulan_vs_vdm.png"))
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the figure and table from --out")
     run(parser.parse_args())
