@@ -128,3 +128,18 @@ def test_malicious_checkpoint_is_refused_without_running_it(tmp_path: Path, caps
         main(["test", "--ckpt_path", str(evil)])
     assert "refused" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_test_after_fit_evaluates_the_ema_weights(tmp_path: Path) -> None:
+    cli = build_cli(
+        ["fit", "--config", str(CONF / "vdm_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+         "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay=0.5",
+         "--test_after_fit", "true"]
+    )  # fmt: skip
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
+    tested = cli.model.state_dict()
+    name = "model.denoiser.conv_in.weight"
+    assert not torch.equal(ckpt["state_dict"][name], ckpt["current_model_state"][name])  # EMA differs from raw
+    for key, value in ckpt["state_dict"].items():
+        torch.testing.assert_close(tested[key], value, msg=key)  # the test ran on the averaged weights
+    assert cli.model.test_results["total"][0] > 0

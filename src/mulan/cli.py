@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mulan.lightning.callbacks import SampleWriter
@@ -136,7 +137,16 @@ class MulanCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") or None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        # The checkpoint's state_dict holds the EMA weights. Lightning's weight-averaging callbacks would, after fit,
+        # load the raw weights kept beside them instead (and only swap the average in for validation), so the test
+        # runs without them: it evaluates the averaged model, as `mulan-cli test --ckpt_path` does.
+        averaging = [c for c in self.trainer.callbacks if isinstance(c, WeightAveraging)]  # type: ignore[attr-defined]
+        for callback in averaging:
+            self.trainer.callbacks.remove(callback)  # type: ignore[attr-defined]
+        try:
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        finally:
+            self.trainer.callbacks.extend(averaging)  # type: ignore[attr-defined]
         log_dir = self.trainer.log_dir
         print(f"\nTensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent if log_dir else '.'})")
         print(f"Checkpoint: {best or '(none saved)'}")
