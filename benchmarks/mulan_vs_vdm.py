@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from mulan.cli import main
+from mulan.lightning import DiffusionTask
 from mulan.lightning.data import EmbeddedDataModule
-from mulan.lightning.module import DiffusionModule
 from mulan.likelihood import dense_elbo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def train(arm: str, seed: int, steps: int, every: int, workdir: Path) -> tuple[P
 
 
 def evaluate(ckpt: Path, times: int, seed: int) -> dict[str, float]:
-    module = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    module = DiffusionTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     module.eval()
     data = EmbeddedDataModule(source="digits", batch_size=64)
     data.setup("test")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mulan.latents import Latent, LatentSample
-from mulan.schedules import ImageShape
+from mulan.processes import ImageShape
 
 
 # --8<-- [start:CategoricalLatent]
@@ -76,7 +76,7 @@ def main(steps: int = 3) -> dict[str, float]:
     latent = CategoricalLatent(shape, m=8)
     model = DiffusionModel(
         shape,
-        schedule=Polynomial(shape, latent.dim, hidden=32),
+        process=Polynomial(shape, latent.dim, hidden=32),
         denoiser=UNet(shape, latent.dim, channels=16, num_blocks=1, dropout=0.0),
         latent=latent,
     )

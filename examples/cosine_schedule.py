@@ -21,7 +21,8 @@ import math
 import torch
 from torch import Tensor
 
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, ImageShape, NoiseSchedule
+from mulan.processes import Context, ImageShape
+from mulan.schedules import GAMMA_MAX, GAMMA_MIN, NoiseSchedule
 
 
 # --8<-- [start:CosineSchedule]
@@ -51,7 +52,7 @@ class CosineSchedule(NoiseSchedule):
         # A schedule without parameters needs a buffer so that `endpoints` finds the device.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
-    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+    def gamma_and_derivative(self, t: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         # t: float32 (B, 1, 1, 1); the base class has disabled autocast.
         span = self.theta_max - self.theta_min
         theta = self.theta_min + span * t

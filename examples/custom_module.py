@@ -1,6 +1,6 @@
 """Subclassing the LightningModule: extra logging and a (documented) loss weighting.
 
-``TermLoggingModule`` keeps everything :class:`mulan.lightning.module.DiffusionModule` does and adds
+``TermLoggingModule`` keeps everything :class:`mulan.lightning.module.DiffusionTask` does and adds
 
 * per-term training curves (``train/recon_bpd_step``, ``train/diffusion_bpd_step``, ...) every step, and
 * an optional weight on the diffusion term of the *training* loss. With ``diffusion_weight=1`` (default) the
@@ -23,20 +23,20 @@ import lightning as L
 from torch import Tensor
 
 from mulan.latents import KHotLatent
+from mulan.lightning import DiffusionTask
 from mulan.lightning.data import EmbeddedDataModule
-from mulan.lightning.module import TERMS, DiffusionModule
 from mulan.networks import UNet
 from mulan.schedules import Polynomial
 
 
 # --8<-- [start:TermLoggingModule]
-class TermLoggingModule(DiffusionModule):
-    """A :class:`DiffusionModule` that logs each term of the bound per step; can re-weight the diffusion term.
+class TermLoggingModule(DiffusionTask):
+    """A :class:`DiffusionTask` that logs each term of the bound per step; can re-weight the diffusion term.
 
     Args:
         diffusion_weight: multiplies the diffusion term in the training loss only (1.0: the bound).
         log_terms: log ``train/{term}_bpd_step`` for every term each step.
-        **kwargs: everything :class:`DiffusionModule` takes (denoiser, schedule, latent, optimiser, ...).
+        **kwargs: everything :class:`DiffusionTask` takes (denoiser, process, latent, optimiser, ...).
     """
 
     def __init__(self, *args: Any, diffusion_weight: float = 1.0, log_terms: bool = True, **kwargs: Any) -> None:
@@ -44,14 +44,12 @@ class TermLoggingModule(DiffusionModule):
         self.diffusion_weight, self.log_terms = diffusion_weight, log_terms
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        bpd = self._bpd_terms(batch)  # (B, len(TERMS)) bits/dim, columns in the order of TERMS
-        per_term = dict(zip(TERMS, bpd.unbind(1), strict=True))
-        self.meters["train_bpd"].update(bpd)  # the epoch-level train/bpd stays the bound
+        bpd = self._update("train", self.bound(batch))  # bits/dim per example, by name; the epoch meters see it
         if self.log_terms:
-            for name, values in per_term.items():
+            for name, values in bpd.items():
                 self.log(f"train/{name}_bpd_step", values.mean())
-        excess = (self.diffusion_weight - 1.0) * per_term["diffusion"]
-        loss = (per_term["total"] + excess).mean()
+        excess = (self.diffusion_weight - 1.0) * bpd["diffusion"]
+        loss = (bpd["total"] + excess).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -67,7 +65,7 @@ def build_module(latent_dim: int = 10) -> TermLoggingModule:
     return TermLoggingModule(
         image_shape=(1, 8, 8),
         denoiser=partial(UNet, channels=16, num_blocks=1, dropout=0.0),
-        schedule=partial(Polynomial, hidden=32),
+        process=partial(Polynomial, hidden=32),
         latent=partial(KHotLatent, m=latent_dim, k=3, channels=8, num_blocks=1),
         diffusion_weight=1.0,
     )

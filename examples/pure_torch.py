@@ -7,19 +7,16 @@ the terms of the bound, :func:`~mulan.dense_elbo`, the samplers) is plain PyTorc
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import mulan
+from mulan.data import digits_images
 
 
 # --8<-- [start:main]
 def digits() -> torch.Tensor:
-    """scikit-learn's 1797 digits as uint8 (1797, 1, 8, 8): values 0..16 rescaled by round(v * 255 / 16)."""
-    from sklearn.datasets import load_digits
-
-    values = load_digits().images
-    return torch.from_numpy(np.floor(values * 255.0 / 16.0 + 0.5).astype(np.uint8)).unsqueeze(1)
+    """scikit-learn's 1797 digits as uint8 (1797, 1, 8, 8) (the core's embedded data helper)."""
+    return digits_images()
 
 
 def build_model(shape: tuple[int, int, int] = (1, 8, 8)) -> mulan.DiffusionModel:
@@ -27,7 +24,7 @@ def build_model(shape: tuple[int, int, int] = (1, 8, 8)) -> mulan.DiffusionModel
     latent = mulan.KHotLatent(shape, m=10, k=3, channels=8, num_blocks=1)
     return mulan.DiffusionModel(
         shape,
-        schedule=mulan.Polynomial(shape, latent.dim, hidden=32),
+        process=mulan.Polynomial(shape, latent.dim, hidden=32),
         denoiser=mulan.UNet(shape, latent.dim, channels=16, num_blocks=1, dropout=0.0),
         latent=latent,
     )
@@ -42,7 +39,7 @@ def main(steps: int = 5, batch_size: int = 32) -> dict[str, float]:
     model.train()
     for step in range(steps):
         batch = train[torch.randint(0, len(train), (batch_size,))]
-        terms = model(batch)  # ELBOTerms, each (B,) in nats
+        terms = model(batch)  # the Bound: each term (B,) in nats, by name
         loss = model.bpd(terms.total).mean()  # the training loss is the bound in bits/dim
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

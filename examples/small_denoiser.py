@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, ImageShape
+from mulan.processes import ImageShape
+from mulan.schedules import GAMMA_MAX, GAMMA_MIN
 
 
 # --8<-- [start:SmallDenoiser]

@@ -16,9 +16,9 @@ from torch import nn
 
 from mulan.cli import build_cli, main
 from mulan.latents import KHotLatent
+from mulan.lightning import DiffusionTask
 from mulan.lightning.callbacks import EvaluationCallback, PicturesCallback, resolve_inception_weights
 from mulan.lightning.data import EmbeddedDataModule
-from mulan.lightning.module import DiffusionModule
 from mulan.likelihood import dense_elbo
 from mulan.networks import UNet
 from mulan.schedules import Polynomial
@@ -26,12 +26,12 @@ from mulan.schedules import Polynomial
 CONF = Path(__file__).parent / "conf"
 
 
-def tiny_mulan() -> DiffusionModule:
+def tiny_mulan() -> DiffusionTask:
     torch.manual_seed(0)
-    return DiffusionModule(
+    return DiffusionTask(
         image_shape=(1, 8, 8),
         denoiser=partial(UNet, channels=8, num_blocks=1, dropout=0.0),
-        schedule=partial(Polynomial, hidden=8),
+        process=partial(Polynomial, hidden=8),
         latent=partial(KHotLatent, m=6, k=2, channels=8, num_blocks=1),
         sample_steps=4,
     )

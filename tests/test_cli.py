@@ -60,7 +60,7 @@ def test_fit_then_test_from_checkpoint_alone(config: str, schedule: type, latent
         ]
     )
     # The model and data were rebuilt from the checkpoint's saved configuration alone ...
-    assert isinstance(cli.model.model.schedule, schedule)
+    assert isinstance(cli.model.model.process, schedule)
     assert isinstance(cli.model.model.latent, latent)
     assert cli.datamodule.image_shape == (1, 8, 8)
     # ... and carry the trained weights, not a fresh initialisation.

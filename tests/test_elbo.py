@@ -15,6 +15,7 @@ from mulan import elbo
 from mulan.model import DiffusionModel
 from mulan.networks import UNet
 from mulan.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, MonotoneNN, NoiseSchedule, Polynomial
+from mulan.time_sampling import antithetic_uniform
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -410,9 +411,9 @@ def test_constant_polynomial_loss_equals_scalar_schedule_loss():
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
-def test_antithetic_times_equally_spaced_mod_1(n):
+def test_antithetic_uniform_equally_spaced_mod_1(n):
     for seed in range(5):
-        t = elbo.antithetic_times(n, generator=torch.Generator().manual_seed(seed))
+        t = antithetic_uniform(n, generator=torch.Generator().manual_seed(seed))
         assert t.shape == (n,)
         assert (t >= 0).all() and (t < 1).all()
         ts = t.double().sort().values
@@ -420,8 +421,8 @@ def test_antithetic_times_equally_spaced_mod_1(n):
         torch.testing.assert_close(gaps, torch.full_like(gaps, 1.0 / n), rtol=0, atol=1e-6)
 
 
-def test_antithetic_times_offset_is_random():
-    firsts = torch.stack([elbo.antithetic_times(4, generator=torch.Generator().manual_seed(s))[0] for s in range(20)])
+def test_antithetic_uniform_offset_is_random():
+    firsts = torch.stack([antithetic_uniform(4, generator=torch.Generator().manual_seed(s))[0] for s in range(20)])
     assert firsts.unique().numel() == 20
 
 

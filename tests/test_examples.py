@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:  # `examples.*` class paths in the example YAMLs r
 from examples import categorical_latent, cosine_schedule, custom_module, pure_torch, small_denoiser  # noqa: E402
 
 from mulan.cli import build_cli  # noqa: E402
+from mulan.processes import Context  # noqa: E402
 
 
 def test_custom_module_from_python() -> None:
@@ -52,7 +53,7 @@ def test_custom_module_from_yaml(tmp_path: Path) -> None:
 def test_cosine_schedule_derivative_and_endpoints() -> None:
     schedule = cosine_schedule.CosineSchedule((3, 4, 4), latent_dim=0)
     t = torch.linspace(0.0, 1.0, 257, dtype=torch.float64, requires_grad=True)
-    gamma, dgamma = schedule.gamma_and_derivative(t.reshape(-1, 1, 1, 1), None)
+    gamma, dgamma = schedule.gamma_and_derivative(t.reshape(-1, 1, 1, 1), Context())
     (autograd,) = torch.autograd.grad(gamma.sum(), t)
     torch.testing.assert_close(dgamma.flatten(), autograd, rtol=1e-9, atol=1e-9)
     assert (dgamma > 0).all()  # monotone

@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from mulan.latents import KHotLatent, NoLatent
+from mulan.lightning import DiffusionTask
 from mulan.lightning.data import EmbeddedDataModule
 from mulan.lightning.metrics import MeanStdErr
-from mulan.lightning.module import DiffusionModule
 from mulan.lightning.optim import AdamW, LinearWarmup
 from mulan.networks import UNet
 from mulan.schedules import FixedLinear, Polynomial
@@ -25,23 +25,23 @@ SHAPE = (1, 8, 8)
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-def tiny_module(**kwargs) -> DiffusionModule:
+def tiny_module(**kwargs) -> DiffusionTask:
     options = {
         "image_shape": SHAPE,
         "denoiser": partial(UNet, channels=16, num_blocks=1, dropout=0.0),
-        "schedule": partial(Polynomial, hidden=16),
+        "process": partial(Polynomial, hidden=16),
         "latent": partial(KHotLatent, m=6, k=2, channels=8, num_blocks=1),
     }
-    return DiffusionModule(**{**options, **kwargs})
+    return DiffusionTask(**{**options, **kwargs})
 
 
 def test_parameter_groups_exclude_biases_and_norms_from_decay_and_cover_every_parameter() -> None:
-    module = tiny_module(schedule_lr=1e-3, schedule_weight_decay=0.5)
+    module = tiny_module(process_lr=1e-3, process_weight_decay=0.5)
     optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, AdamW)
     seen = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in module.parameters())  # each parameter exactly once
-    aux = {id(p) for p in [*module.model.schedule.parameters(), *module.model.latent.parameters()]}
+    aux = {id(p) for p in [*module.model.process.parameters(), *module.model.latent.parameters()]}
     for group in optimizer.param_groups:
         is_aux = {id(p) in aux for p in group["params"]}
         assert len(is_aux) == 1  # a group never mixes the denoiser with the schedule/encoder
@@ -86,11 +86,11 @@ def test_training_step_returns_the_mean_total_bpd_and_is_differentiable() -> Non
     terms = module.model(images)
     assert loss.item() == pytest.approx((terms.total / (64 * math.log(2))).mean().item(), rel=1e-6)
     loss.backward()
-    assert all(p.grad is not None for p in module.model.schedule.parameters())
+    assert all(p.grad is not None for p in module.model.process.parameters())
 
 
 def test_non_finite_loss_stops_with_the_step_named() -> None:
-    module = tiny_module(schedule=FixedLinear, latent=NoLatent)
+    module = tiny_module(process=FixedLinear, latent=NoLatent)
     with torch.no_grad():
         module.model.denoiser.conv_out.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite loss at global step 0"):
@@ -140,7 +140,9 @@ def test_fit_with_trainer_logs_every_term(tmp_path: Path) -> None:
 
 def test_pure_torch_core_does_not_import_lightning() -> None:
     code = (
-        "import sys, mulan.model, mulan.schedules, mulan.latents, mulan.networks, mulan.elbo, mulan.likelihood;"
+        "import sys, mulan, mulan.model, mulan.schedules, mulan.latents, mulan.networks, mulan.elbo, mulan.likelihood,"
+        " mulan.sampling, mulan.ode, mulan.processes, mulan.parameterisation, mulan.time_sampling, mulan.data,"
+        " mulan.figures;"
         "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), "
         "'lightning imported'"
     )
@@ -169,7 +171,7 @@ def test_paper_configs_carry_the_paper_hyperparameters(config: str) -> None:
     ema = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EMAWeightAveraging")]
     assert ema[0]["init_args"]["decay"] == 0.9999
     assert cfg["data"]["init_args"]["batch_size"] == (512 if "imagenet" in config else 128)
-    schedule = model["schedule"]
+    schedule = model["process"]
     if config.startswith("mulan"):
         assert schedule["class_path"] == "mulan.schedules.Polynomial"
         assert (schedule["init_args"]["gamma_min"], schedule["init_args"]["gamma_max"]) == (-13.3, 5.0)
@@ -184,10 +186,10 @@ def test_mulan_paper_config_builds_and_runs_one_image() -> None:
     """The full-size CIFAR-10 MuLAN model builds from its YAML and gives a finite bound on one image."""
     model = _init_args("mulan_cifar.yaml")["model"]["init_args"]
     unet, latent = model["denoiser"]["init_args"], model["latent"]["init_args"]
-    module = DiffusionModule(
+    module = DiffusionTask(
         image_shape=(3, 32, 32),
         denoiser=partial(UNet, **unet),
-        schedule=partial(Polynomial, **model["schedule"]["init_args"]),
+        process=partial(Polynomial, **model["process"]["init_args"]),
         latent=partial(KHotLatent, **latent),
     )
     assert len(module.model.denoiser.down) == 32 and len(module.model.denoiser.up) == 33

@@ -95,7 +95,7 @@ def test_float32_islands_under_autocast(kind, batch, monkeypatch):
         return hook
 
     model.denoiser.fourier.register_forward_hook(record("fourier"))
-    model.schedule.register_forward_hook(record("schedule"))  # (gamma, dgamma_dt)
+    model.process.register_forward_hook(record("schedule"))  # (gamma, dgamma_dt)
     model.denoiser.conv_in.register_forward_hook(record("conv_in"))
     model.denoiser.down[0].conv1.register_forward_hook(record("body_conv"))
     for name in ("decoder_logits", "alpha_sigma", "diffusion_loss", "prior_loss", "reconstruction_loss"):

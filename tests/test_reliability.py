@@ -29,16 +29,19 @@ from mulan import elbo
 from mulan.cli import main
 from mulan.latents import NoLatent
 from mulan.lightning.data import SyntheticDataModule
-from mulan.lightning.module import TERMS, DiffusionModule
 from mulan.lightning.optim import AdamW, LinearWarmup
+from mulan.lightning.task import DiffusionTask
+from mulan.model import Bound
 from mulan.networks import UNet
+from mulan.parameterisation import Epsilon
 from mulan.schedules import FixedLinear, LearnedScalar
+from mulan.time_sampling import AntitheticUniform, antithetic_uniform
 
 ROOT = Path(__file__).parents[1]
 CONF = Path(__file__).parent / "conf"
 SHAPE = (1, 8, 8)
 # What the hyper-parameters of modules built in Python (not from YAML) hold, allowed for weights_only loads.
-SAFE = [partial, UNet, LearnedScalar, FixedLinear, NoLatent, AdamW, LinearWarmup]
+SAFE = [partial, UNet, LearnedScalar, FixedLinear, NoLatent, AdamW, LinearWarmup, Epsilon, AntitheticUniform]
 TRAINER = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
@@ -46,7 +49,7 @@ def vdm_kwargs(**kwargs) -> dict:
     options = {
         "image_shape": SHAPE,
         "denoiser": partial(UNet, channels=8, num_blocks=1, dropout=0.0),
-        "schedule": LearnedScalar,
+        "process": LearnedScalar,
         "latent": NoLatent,
     }
     return {**options, **kwargs}
@@ -67,32 +70,16 @@ def fixed_draws(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.stack(ts), torch.stack(noise), torch.stack(eps)
 
 
-def bpd_terms_with(module: DiffusionModule, images: torch.Tensor, t, noise, eps) -> torch.Tensor:
-    """(B, len(TERMS)) bits/dim of ``images`` with the given draws (VDM: the latent draws nothing)."""
-    model = module.model
-    x = elbo.to_unit_interval(images)
-    latent = model.latent(x)
-    gamma_0, gamma_1 = model.schedule.endpoints(latent.z, x.shape[0])
-    terms = {
-        "recon": elbo.reconstruction_loss(images, gamma_0, noise),
-        "prior": elbo.prior_loss(x, gamma_1),
-        "diffusion": model.diffusion_term(x, t, latent.z, eps),
-        "latent": latent.kl.float(),
-        "latent_surrogate": latent.kl_surrogate.float(),
-    }
-    terms["total"] = terms["recon"] + terms["prior"] + terms["diffusion"] + terms["latent"]
-    return model.bpd(torch.stack([terms[n] for n in TERMS], dim=1))
-
-
-class FixedDrawModule(DiffusionModule):
+class FixedDrawModule(DiffusionTask):
     """The module with every random draw a function of the example (see ``fixed_draws``): the bound of a
     set of images is then the same however the images are split over ranks and batches."""
 
-    def _bpd_terms(self, images: torch.Tensor) -> torch.Tensor:
-        return bpd_terms_with(self, images, *fixed_draws(images))
+    def bound(self, batch: torch.Tensor) -> Bound:
+        t, noise, eps = fixed_draws(batch)
+        return self.model(batch, t=t, eps=eps, recon_noise=noise)
 
 
-class DrawRecordingModule(DiffusionModule):
+class DrawRecordingModule(DiffusionTask):
     """Records, per training step, the seed in force, the times and noise the step draws (replayed from a fork
     of the RNG, then checked against the real loss) and the loss."""
 
@@ -103,10 +90,10 @@ class DrawRecordingModule(DiffusionModule):
     def training_step(self, batch, batch_idx):
         with torch.random.fork_rng():
             x = elbo.to_unit_interval(batch)
-            t = elbo.antithetic_times(batch.shape[0])  # the order DiffusionModel.forward draws in (VDM)
+            t = antithetic_uniform(batch.shape[0])  # the order DiffusionModel.forward draws in (VDM)
             noise, eps = torch.randn_like(x), torch.randn_like(x)
             with torch.no_grad():
-                replay = bpd_terms_with(self, batch, t, noise, eps)[:, 0].mean()
+                replay = self.model.bpd(self.model(batch, t=t, eps=eps, recon_noise=noise).total).mean()
         seed = torch.initial_seed()
         loss = super().training_step(batch, batch_idx)
         self.records.append(
@@ -136,7 +123,7 @@ class LossRecorder(Callback):
 def _resume_run(root: Path, max_steps: int, ckpt_path: str | None = None, every: int = 2):
     """A deterministic CPU fit: AdamW + 3-step warm-up + EMA, 4 steps per epoch, validation every epoch."""
     L.seed_everything(0)
-    module = DiffusionModule(
+    module = DiffusionTask(
         **vdm_kwargs(optimizer=partial(AdamW, lr=1e-3), lr_scheduler=partial(LinearWarmup, warmup_steps=3))
     )
     recorder = LossRecorder()
@@ -223,7 +210,7 @@ def _ddp_worker(out: str) -> None:
     ddp = {**TRAINER, "devices": 2, "strategy": "ddp", "enable_checkpointing": False, "default_root_dir": out}
     # (a) ordinary training: which seed, times and noise each rank draws
     L.seed_everything(0)
-    module = DrawRecordingModule(**vdm_kwargs(schedule=FixedLinear))
+    module = DrawRecordingModule(**vdm_kwargs(process=FixedLinear))
     L.Trainer(**ddp, max_steps=2, limit_val_batches=0).fit(
         module, datamodule=SyntheticDataModule(SHAPE, num_train=16, batch_size=4)
     )
@@ -320,7 +307,7 @@ def test_ddp_step_equals_one_process_on_the_global_batch(ddp_results: dict) -> N
     assert sorted(map(bytes, images.numpy())) == sorted(map(bytes, train.numpy()))  # the halves cover the set
     torch.testing.assert_close(ranks[0]["initial"], ranks[1]["initial"], rtol=0, atol=0)
     module = _reference_module(ranks[0]["initial"])
-    loss = module._bpd_terms(images)[:, 0].mean()
+    loss = module.model.bpd(module.bound(images).total).mean()
     loss.backward()
     assert loss.item() == pytest.approx((ranks[0]["loss"] + ranks[1]["loss"]).item() / 2, rel=1e-6)
     grads = {n: p.grad for n, p in module.named_parameters()}
@@ -338,13 +325,14 @@ def test_ddp_test_metric_equals_one_process(ddp_results: dict, n: int) -> None:
     module = _reference_module(ddp_results["ddp"][0]["final"])
     images = SyntheticDataModule(SHAPE, num_eval=n)._load_split("test")
     with torch.no_grad():
-        bpd = module._bpd_terms(images).double()
+        bpd = {name: module.model.bpd(value).double() for name, value in module.bound(images).as_dict().items()}
     for rank in ddp_results["ddp"]:
         results = rank[f"test_{n}"]
-        for i, name in enumerate(TERMS):
+        assert results.keys() == bpd.keys()
+        for name, values in bpd.items():
             mean, stderr = results[name]
-            assert mean == pytest.approx(bpd[:, i].mean().item(), rel=1e-6, abs=1e-9)
-            assert stderr == pytest.approx((bpd[:, i].std() / math.sqrt(n)).item(), rel=1e-5, abs=1e-9)
+            assert mean == pytest.approx(values.mean().item(), rel=1e-6, abs=1e-9)
+            assert stderr == pytest.approx((values.std() / math.sqrt(n)).item(), rel=1e-5, abs=1e-9)
 
 
 # =========================================================================== 3. bad input
@@ -382,9 +370,9 @@ def test_checkpoint_of_another_model_configuration_is_named(vdm_ckpt: Path, tmp_
     from mulan.lightning.data import EmbeddedDataModule
     from mulan.schedules import Polynomial
 
-    module = DiffusionModule(
+    module = DiffusionTask(
         **vdm_kwargs(
-            schedule=partial(Polynomial, hidden=8), latent=partial(KHotLatent, m=6, k=2, channels=8, num_blocks=1)
+            process=partial(Polynomial, hidden=8), latent=partial(KHotLatent, m=6, k=2, channels=8, num_blocks=1)
         )
     )
     trainer = L.Trainer(**TRAINER, default_root_dir=tmp_path)
@@ -407,7 +395,7 @@ class _BadDtypeData(SyntheticDataModule):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int16])  # float pixels; integers up to 510
 def test_non_uint8_data_is_refused_before_training(dtype: torch.dtype, tmp_path: Path) -> None:
-    module = DiffusionModule(**vdm_kwargs())
+    module = DiffusionTask(**vdm_kwargs())
     trainer = L.Trainer(**TRAINER, max_steps=1, default_root_dir=tmp_path)
     with pytest.raises(TypeError, match=rf"_BadDtypeData: the 'train' split must have dtype torch.uint8, got {dtype}"):
         trainer.fit(module, datamodule=_BadDtypeData(dtype))
@@ -447,14 +435,14 @@ def test_misspelt_class_path_is_named(capsys: pytest.CaptureFixture) -> None:
                 "fit",
                 "--config",
                 str(CONF / "vdm_tiny.yaml"),
-                "--model.init_args.schedule.class_path",
+                "--model.init_args.process.class_path",
                 "mulan.schedules.LearnedScaler",
             ]
         )
     assert "LearnedScaler" in capsys.readouterr().err
 
 
-class NaNAtStep2(DiffusionModule):
+class NaNAtStep2(DiffusionTask):
     def training_step(self, batch, batch_idx):
         if self.global_step == 2:
             with torch.no_grad():
@@ -472,9 +460,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path: Pa
     with torch.serialization.safe_globals(SAFE):
         saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=True, map_location="cpu")
     assert saved["global_step"] == 2 and all(torch.isfinite(v).all() for v in saved["state_dict"].values())
-    good = DiffusionModule(**vdm_kwargs())
+    good = DiffusionTask(**vdm_kwargs())
     good.load_state_dict(saved["state_dict"])  # intact: every key, every shape
-    assert torch.isfinite(good._bpd_terms(torch.zeros(2, *SHAPE, dtype=torch.uint8))).all()
+    assert torch.isfinite(good.bound(torch.zeros(2, *SHAPE, dtype=torch.uint8)).total).all()
 
 
 # =========================================================================== 4. security
@@ -517,7 +505,7 @@ def test_malicious_checkpoint_refused_by_load_from_checkpoint(weights_only, tmp_
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload()}}, evil)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        DiffusionModule.load_from_checkpoint(evil, weights_only=weights_only)
+        DiffusionTask.load_from_checkpoint(evil, weights_only=weights_only)
     assert not marker.exists()
 
 

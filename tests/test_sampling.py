@@ -20,7 +20,8 @@ from mulan import elbo
 from mulan.latents import KHotLatent
 from mulan.model import DiffusionModel
 from mulan.networks import UNet
-from mulan.sampling import SampleResult, ancestral_sample, decode_images, ode_encode, ode_sample
+from mulan.processes import Context
+from mulan.sampling import SampleResult, ancestral_sample, ode_encode, ode_sample
 from mulan.schedules import FixedLinear, NoiseSchedule, Polynomial
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -69,8 +70,8 @@ def _predicted_ancestral_variance(model: DiffusionModel, steps: int) -> Tensor:
     var = torch.ones(4, dtype=torch.float64)
     for i in range(steps, 0, -1):
         t, s = torch.tensor([i / steps]), torch.tensor([(i - 1) / steps])
-        g_t = model.schedule.gamma(t).double().expand(1, *SHAPE).reshape(4)
-        g_s = model.schedule.gamma(s).double().expand(1, *SHAPE).reshape(4)
+        g_t = model.process.gamma(t).double().expand(1, *SHAPE).reshape(4)
+        g_s = model.process.gamma(s).double().expand(1, *SHAPE).reshape(4)
         a2_t, a2_s, s2_t, s2_s = (
             torch.sigmoid(-g_t),
             torch.sigmoid(-g_s),
@@ -155,11 +156,12 @@ def test_decode_recovers_bin_values() -> None:
     values = torch.arange(256, dtype=torch.uint8).view(1, *shape)
     alpha_0 = math.sqrt(torch.sigmoid(torch.tensor(13.3)).item())
     x_0 = alpha_0 * elbo.to_unit_interval(values)
-    assert torch.equal(decode_images(model, x_0, None, "argmax"), values)
-    assert torch.equal(decode_images(model, x_0, None, "sample", torch.Generator().manual_seed(0)), values)
-    assert decode_images(model, x_0, None, None) is x_0
+    decode = model.process.decode
+    assert torch.equal(decode(x_0, Context(), "argmax"), values)
+    assert torch.equal(decode(x_0, Context(), "sample", torch.Generator().manual_seed(0)), values)
+    assert decode(x_0, Context(), None) is x_0
     with pytest.raises(ValueError):
-        decode_images(model, x_0, None, "mean")
+        decode(x_0, Context(), "mean")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""mulan: likelihood-trained diffusion models with learned noise processes (MuLAN and the VDM baseline).
+"""mulan: likelihood-trained diffusion models with learned noise processes (MuLAN, VDM and their relatives).
 
 The names below are the stable public API of the pure-torch core. Importing :mod:`mulan` does not import
 Lightning; the training wiring lives in :mod:`mulan.lightning` (import it explicitly) and the command line in
@@ -9,9 +9,10 @@ import mulan
 
 model = mulan.DiffusionModel(
     (1, 8, 8),
-    schedule=mulan.Polynomial((1, 8, 8), latent_dim=10),
+    process=mulan.Polynomial((1, 8, 8), latent_dim=10),
     denoiser=mulan.UNet((1, 8, 8), latent_dim=10, channels=16, num_blocks=1),
     latent=mulan.KHotLatent((1, 8, 8), m=10, k=3, channels=8, num_blocks=1),
+    parameterisation=mulan.Velocity(),
 )
 ```
 """
@@ -22,7 +23,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 from mulan.elbo import (
     alpha_sigma,
-    antithetic_times,
     diffusion_loss,
     discrete_diffusion_loss,
     nats_to_bpd,
@@ -32,8 +32,10 @@ from mulan.elbo import (
 )
 from mulan.latents import GaussianLatent, KHotLatent, Latent, LatentSample, NoLatent, log_binomial
 from mulan.likelihood import ODELikelihood, dense_elbo, dense_elbo_dataset, ode_likelihood
-from mulan.model import DiffusionModel, ELBOTerms
+from mulan.model import Bound, DiffusionModel
 from mulan.networks import UNet
+from mulan.parameterisation import Data, Epsilon, Parameterisation, Velocity
+from mulan.processes import Context, DiagonalProcess, ForwardProcess, Marginal
 from mulan.sampling import SampleResult, ancestral_sample, ode_sample
 from mulan.schedules import (
     GAMMA_MAX,
@@ -44,6 +46,7 @@ from mulan.schedules import (
     NoiseSchedule,
     Polynomial,
 )
+from mulan.time_sampling import AntitheticUniform, TimeSampler, antithetic_uniform
 
 try:
     __version__ = version("mulan")
@@ -51,7 +54,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    # schedules
+    # forward processes and schedules
+    "ForwardProcess",
+    "DiagonalProcess",
+    "Context",
+    "Marginal",
     "NoiseSchedule",
     "FixedLinear",
     "LearnedScalar",
@@ -66,10 +73,17 @@ __all__ = [
     "KHotLatent",
     "GaussianLatent",
     "log_binomial",
-    # denoiser and model
+    # denoiser, parameterisation, time sampling, model
     "UNet",
+    "Parameterisation",
+    "Epsilon",
+    "Velocity",
+    "Data",
+    "TimeSampler",
+    "AntitheticUniform",
+    "antithetic_uniform",
     "DiffusionModel",
-    "ELBOTerms",
+    "Bound",
     # terms of the bound
     "alpha_sigma",
     "to_unit_interval",
@@ -77,7 +91,6 @@ __all__ = [
     "prior_loss",
     "diffusion_loss",
     "discrete_diffusion_loss",
-    "antithetic_times",
     "nats_to_bpd",
     # evaluation and sampling
     "dense_elbo",

@@ -1,4 +1,12 @@
-"""``mulan-cli``: the LightningCLI behind ``fit``, ``validate`` and ``test`` (also ``python -m mulan``)."""
+"""``mulan-cli``: the LightningCLI behind ``fit``, ``validate``, ``test`` and ``predict`` (also ``python -m mulan``).
+
+Evaluation starts from the checkpoint: ``test``, ``validate`` and ``predict`` need ``--ckpt_path`` and rebuild the
+model and the data from the configuration saved in it. Options given on the command line or in ``--config`` apply
+on top; an option that would change the model (and so the bound being evaluated) is refused with the difference
+named, unless ``--override_checkpoint_config true`` is given (then the differences are printed and applied).
+Everything here uses LightningCLI's public hooks (``init_parser``, ``parse_arguments``,
+``before_instantiate_classes``, ``after_fit``).
+"""
 
 from __future__ import annotations
 
@@ -14,34 +22,55 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mulan.lightning.callbacks import SampleWriter
-from mulan.lightning.module import DiffusionModule
+from mulan.lightning.task import DiffusionTask
 
 EVAL_SUBCOMMANDS = ("test", "validate", "predict")
 
+EVALUATION_OPTIONS = {"sample_steps", "optimizer", "lr_scheduler", "process_lr", "process_weight_decay"}
+"""Model options that do not change the model's bound, so evaluation may change them freely."""
+
+RENAMED = {
+    "mulan.lightning.module.DiffusionModule": "mulan.lightning.DiffusionTask",
+    "DiffusionModule": "mulan.lightning.DiffusionTask",
+    "init_args.schedule": "init_args.process",
+    "schedule_lr": "process_lr",
+    "schedule_weight_decay": "process_weight_decay",
+}
+"""Names of the 0.1 configuration that changed, and what to write instead."""
+
 
 def load_checkpoint(path: str, error: Any = None) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with clear errors for missing, corrupted or unsafe files."""
+    """``torch.load(path, weights_only=True)`` with clear errors for missing, unsafe or corrupted files."""
 
     def fail(message: str) -> NoReturn:
         if error is not None:
             error(message)
         raise ValueError(message)
 
-    if not Path(path).is_file():
+    file = Path(path)
+    if file.is_dir():
+        fail(f"checkpoint {path!r} is a directory; give the path of a .ckpt file inside it (written by mulan-cli fit).")
+    if not file.is_file():
         fail(f"checkpoint {path!r} does not exist (give the path of a .ckpt file written by `mulan-cli fit`).")
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        checkpoint = torch.load(file, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         detail = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln), str(exc)[:200])
-        if "global" in detail.lower():
+        if "global" in detail.lower() or "unsupported" in detail.lower():
             fail(
-                f"checkpoint {path!r} was refused: it holds pickled Python objects beyond tensors and plain "
-                "containers, and mulan loads checkpoints with weights_only=True so that no code inside runs. "
+                f"checkpoint {path!r} was refused as unsafe: it holds pickled Python objects beyond tensors and plain "
+                "containers (loading them could run code), and mulan loads checkpoints with weights_only=True. "
                 f"Only load checkpoints you trust ({detail})."
             )
-        fail(f"checkpoint {path!r} cannot be read: it is truncated or corrupted, or not a checkpoint ({detail}).")
-    except (RuntimeError, EOFError, OSError) as exc:
-        fail(f"checkpoint {path!r} cannot be read: it is truncated or corrupted ({type(exc).__name__}: {exc}).")
+        fail(f"checkpoint {path!r} cannot be read: it is not a checkpoint, or it is truncated or corrupted ({detail}).")
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
+        fail(
+            f"checkpoint {path!r} cannot be read: it is not a checkpoint, or it is truncated or corrupted "
+            f"({type(exc).__name__}: {exc})."
+        )
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        fail(f"checkpoint {path!r} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt from mulan-cli fit.")
+    return checkpoint
 
 
 def _option_value(argv: list[str], name: str) -> str | None:
@@ -64,9 +93,41 @@ def _class_config(hparams: dict[str, Any]) -> dict[str, Any] | None:
     return {"class_path": class_path, "init_args": hparams}
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (a parsed configuration) as ``{"a.b.c": leaf}``."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def model_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """``"option: saved -> given"`` for every model option that differs, evaluation-only options excepted."""
+    a, b = _flatten(saved), _flatten(given)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        option = key.removeprefix("init_args.").split(".")[0]
+        if option in EVALUATION_OPTIONS or option == "image_shape" or a.get(key) == b.get(key):
+            continue
+        lines.append(f"model.{key}: {a.get(key)!r} in the checkpoint -> {b.get(key)!r} given")
+    return lines
+
+
+def renamed_hint(text: str) -> str:
+    """What to rename, for a configuration written for mulan 0.1 (empty when nothing matches)."""
+    hits = [f"{old!r} -> {new!r}" for old, new in RENAMED.items() if old in text]
+    return ("; this looks like a mulan 0.1 configuration, rename: " + ", ".join(hits)) if hits else ""
+
+
 class MulanCLI(LightningCLI):
-    """LightningCLI with the data's image shape linked into the model, checkpoint-only evaluation, and an
-    optional test right after ``fit`` (``--test_after_fit true``)."""
+    """LightningCLI with the data's image shape linked into the model, checkpoint-first evaluation, full option
+    names only, and an optional test right after ``fit`` (``--test_after_fit true``)."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("allow_abbrev", False)  # --trainer.max_step is an error, not max_steps
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
@@ -77,53 +138,87 @@ class MulanCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=False,
-            help="After fit, test the best checkpoint and print where the logs are.",
+            help="After fit, test the best checkpoint and say where the logs are.",
+        )
+        parser.add_argument(
+            "--override_checkpoint_config",
+            type=bool,
+            default=False,
+            help="Evaluation: apply model options that differ from the checkpoint's (printed) instead of refusing.",
         )
 
-    def before_instantiate_classes(self) -> None:
-        # Checkpoints are loaded with weights_only=True (no pickled code runs) unless a user explicitly says otherwise.
-        config = self.config[self.subcommand]
-        if "weights_only" in config and config["weights_only"] is None:
-            config["weights_only"] = True
-
+    # ------------------------------------------------------------------------------------------ parsing
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        if args is None or isinstance(args, list):  # command-line style: maybe start from a checkpoint's config
-            self.config = parser.parse_args(self._with_checkpoint_config(list(sys.argv[1:] if args is None else args)))
-        else:
+        if not (args is None or isinstance(args, list)):
             super().parse_arguments(parser, args)
-
-    def _with_checkpoint_config(self, argv: list[str]) -> list[str]:
-        """For ``test``/``validate``/``predict``: require ``--ckpt_path`` and start from the model and data
-        configuration saved in the checkpoint; ``--model.init_args.X`` and ``--data.init_args.X`` override single
-        options, ``--model CONFIG`` / ``--data CONFIG`` replace the whole component."""
+            return
+        argv = list(sys.argv[1:] if args is None else args)
         subcommand = next((a for a in argv if a in self.subcommands()), None)
-        if subcommand not in EVAL_SUBCOMMANDS or {"-h", "--help"} & set(argv):
-            return argv
-        ckpt_path = _option_value(argv, "--ckpt_path")
-        if not ckpt_path:
+        ckpt_path = _option_value(argv, "--ckpt_path") if subcommand else None
+        self._ckpt_path = None
+        if subcommand is None or {"-h", "--help"} & set(argv):
+            self.config = self._parse(parser, argv)
+            return
+        checkpoint = load_checkpoint(ckpt_path, error=self._exit) if ckpt_path else None
+        if subcommand not in EVAL_SUBCOMMANDS:
+            self.config = self._parse(parser, argv)
+            return
+        if checkpoint is None or ckpt_path is None:
             self._exit(
                 f"`mulan-cli {subcommand}` needs a trained model: pass --ckpt_path PATH/TO/model.ckpt "
                 "(without it Lightning would evaluate randomly initialised weights)."
             )
-        checkpoint = load_checkpoint(ckpt_path, error=self._exit)
+        self.config = self._checkpoint_first(parser, argv, subcommand, ckpt_path, checkpoint)
+        # Lightning would now merge the checkpoint's model hyper-parameters over this configuration again, undoing
+        # the evaluation-only options given on top; the checkpoint path is handed back before instantiation.
+        self._ckpt_path = self.config[subcommand]["ckpt_path"]
+        self.config[subcommand]["ckpt_path"] = None
+
+    def _parse(self, parser: LightningArgumentParser, argv: list[str]) -> Any:
+        try:
+            return parser.parse_args(argv)
+        except SystemExit:
+            hint = renamed_hint(" ".join(argv) + "".join(_config_texts(argv)))
+            if hint:
+                sys.stderr.write(f"error: {hint.removeprefix('; ')}\n")
+            raise
+
+    def _checkpoint_first(
+        self, parser: LightningArgumentParser, argv: list[str], subcommand: str, ckpt_path: str, checkpoint: dict
+    ) -> Any:
+        """Parse with the checkpoint's model and data configuration first and ``argv`` on top; refuse model
+        options that differ from the checkpoint's unless ``--override_checkpoint_config true``."""
         injected = []
         for key, saved in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
-            given = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)  # replaced, not overridden
             config = _class_config(checkpoint.get(saved, {}))
-            if not given and config is not None:
+            if config is not None:
                 injected.append(f"--{key}={json.dumps(config)}")
         where = argv.index(subcommand) + 1
-        return argv[:where] + injected + argv[where:]
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning would overwrite the model configuration with the checkpoint's after parsing, discarding
-        command-line overrides; here the checkpoint's configuration was put first and the command line applies
-        on top of it (see :meth:`_with_checkpoint_config`)."""
+        baseline = self._parse(parser, [subcommand, *injected, f"--ckpt_path={ckpt_path}"])
+        config = self._parse(parser, argv[:where] + injected + argv[where:])
+        differences = model_differences(baseline[subcommand]["model"].as_dict(), config[subcommand]["model"].as_dict())
+        if differences and not config[subcommand]["override_checkpoint_config"]:
+            self._exit(
+                f"the model options given differ from those saved in {ckpt_path}, so the bound would not be the "
+                "trained model's: " + "; ".join(differences) + ". Leave them out (the checkpoint's are used), or "
+                "pass --override_checkpoint_config true to evaluate with them anyway."
+            )
+        for line in differences:
+            print(f"override_checkpoint_config: {line}")
+        return config
 
     @staticmethod
     def _exit(message: str) -> NoReturn:
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand and getattr(self, "_ckpt_path", None):
+            config["ckpt_path"] = self._ckpt_path
+        # Checkpoints are loaded with weights_only=True (no pickled code runs), whatever the command line says.
+        if "weights_only" in config:
+            config["weights_only"] = True
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -144,7 +239,7 @@ class MulanCLI(LightningCLI):
         for callback in averaging:
             self.trainer.callbacks.remove(callback)  # type: ignore[attr-defined]
         try:
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
         finally:
             self.trainer.callbacks.extend(averaging)  # type: ignore[attr-defined]
         log_dir = self.trainer.log_dir
@@ -154,10 +249,22 @@ class MulanCLI(LightningCLI):
             print(f"Evaluate it again with: mulan-cli test --ckpt_path {best}")
 
 
+def _config_texts(argv: list[str]) -> list[str]:
+    """The text of every ``--config`` file named in ``argv`` (for rename hints)."""
+    texts = []
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path and Path(path).is_file():
+            texts.append(Path(path).read_text())
+    return texts
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> MulanCLI:
-    """The CLI object (its ``trainer``, ``model``, ``datamodule``); ``args`` as on the command line."""
+    """The CLI object (its ``trainer``, ``model``, ``datamodule``); ``args`` as on the command line (without a
+    subcommand when ``run=False``)."""
     return MulanCLI(
-        DiffusionModule,
+        DiffusionTask,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -1,4 +1,4 @@
-"""The terms of the variational bound, per example, in nats (MATH.md section 4).
+"""The terms of the variational bound, per example, in nats (docs: math, section 4).
 
 ``L = L_recon + L_prior + L_diff + L_latent``; ``BPD = L / (D ln 2)``. Every function takes float32 tensors
 broadcastable to the data ``(B, C, H, W)`` and returns one value per example, shape ``(B,)``, in nats.
@@ -125,14 +125,6 @@ def diffusion_loss(eps: Tensor, eps_hat: Tensor, dgamma_dt: Tensor) -> Tensor:
 def discrete_diffusion_loss(eps: Tensor, eps_hat: Tensor, gamma_t: Tensor, gamma_s: Tensor, steps: int) -> Tensor:
     """``T`` steps, ``s = t - 1/T``: ``1/2 T sum_i expm1(gamma_t,i - gamma_s,i) (eps_i - eps_hat_i)^2``. (B,)."""
     return sum_per_example(0.5 * steps * torch.expm1(gamma_t - gamma_s) * (eps - eps_hat.float()).square())
-
-
-def antithetic_times(
-    batch_size: int, device: torch.device | None = None, generator: torch.Generator | None = None
-) -> Tensor:
-    """Low-discrepancy times ``t_j = (u + j / n) mod 1`` with one ``u ~ U[0, 1)`` per call. Shape (B,)."""
-    u = torch.rand((), device=device, generator=generator)
-    return torch.remainder(u + torch.arange(batch_size, device=device) / batch_size, 1.0)
 
 
 def discretise_times(t: Tensor, steps: int) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ from torchvision.utils import make_grid
 
 from mulan.elbo import to_unit_interval
 from mulan.model import DiffusionModel
+from mulan.processes.base import Context
 
 
 def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
@@ -31,11 +32,11 @@ def schedule_maps(model: DiffusionModel, images: Tensor, times: tuple[float, ...
     import matplotlib.pyplot as plt
 
     x = to_unit_interval(images)
-    z = model.latent(x).z
+    ctx = model.encode(x)[0]
     n = images.shape[0]
     fig, axes = plt.subplots(n, len(times) + 1, figsize=(1.8 * (len(times) + 1), 1.8 * n), squeeze=False)
     for j, t in enumerate(times):
-        gamma = model.schedule.gamma(torch.full((n,), t, device=x.device), z).expand_as(x)
+        gamma = model.process.marginal(torch.full((n,), t, device=x.device), ctx).gamma.expand_as(x)
         log_snr = (-gamma).mean(1).cpu()  # (N, H, W)
         for i in range(n):
             im = axes[i, j + 1].imshow(log_snr[i], cmap="magma")
@@ -68,7 +69,10 @@ def snr_variance(model: DiffusionModel, num_latents: int = 64, num_times: int = 
         z = model.latent.sample_prior(num_latents, device)
     count = z.shape[0] if z is not None else num_latents
     times = torch.linspace(0.0, 1.0, num_times, device=device)
-    variance = torch.stack([torch.exp(-model.schedule.gamma(t.expand(count), z)).var(0).mean() for t in times]).cpu()
+    ctx = Context(z=z)
+    variance = torch.stack(
+        [torch.exp(-model.process.marginal(t.expand(count), ctx).gamma).var(0).mean() for t in times]
+    ).cpu()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot(times.cpu(), variance)
     ax.set_yscale("symlog", linthresh=1e-6)

@@ -1,4 +1,4 @@
-"""The auxiliary latent ``z`` of MuLAN: posteriors ``q(z | x)``, priors ``p(z)`` and their KL terms (MATH.md 3).
+"""The auxiliary latent ``z`` of MuLAN: posteriors ``q(z | x)``, priors ``p(z)``, their costs (docs: math, section 3).
 
 A latent is built as ``Latent(image_shape, **options)`` and called on images ``x`` in [-1, 1], (B, C, H, W):
 it returns a :class:`LatentSample` with ``z`` (B, m) and two KL costs per example in nats. ``kl`` enters the
@@ -15,23 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mulan.networks import AttentionBlock, ResnetBlock, group_norm
-from mulan.schedules import ImageShape
+from mulan.networks import ImageEncoder
+from mulan.processes.base import ImageShape
 
 
 @dataclass
 class LatentSample:
-    """``z``: (B, m) or None; ``kl``: (B,) nats in the bound; ``kl_surrogate``: (B,) nats, for comparison."""
+    """``z``: (B, m) or None; ``kl``: (B,) nats in the bound; ``kl_surrogate``: (B,) nats reported beside the bound
+    for comparison with the MuLAN reference code, or None for latents without one."""
 
     z: Tensor | None
     kl: Tensor
-    kl_surrogate: Tensor
+    kl_surrogate: Tensor | None = None
 
 
 class Latent(nn.Module):
-    """Base class: ``dim`` is the size of ``z`` (0: no latent)."""
+    """Base class: ``dim`` is the size of ``z`` (0: none); ``surrogate``: whether samples carry a surrogate cost."""
 
     dim: int = 0
+    surrogate: bool = False
 
     def forward(self, x: Tensor) -> LatentSample:
         raise NotImplementedError
@@ -48,35 +50,10 @@ class NoLatent(Latent):
         super().__init__()
 
     def forward(self, x: Tensor) -> LatentSample:
-        zeros = x.new_zeros(x.shape[0], dtype=torch.float32)
-        return LatentSample(None, zeros, zeros)
+        return LatentSample(None, x.new_zeros(x.shape[0], dtype=torch.float32))
 
     def sample_prior(self, batch_size: int, device: torch.device | None = None) -> Tensor | None:
         return None
-
-
-class ImageEncoder(nn.Module):
-    """MuLAN's encoder network: conv-in, ResNet blocks (no down-sampling), ResNet-attention-ResNet,
-    conv-out to one channel, flatten, dense to ``outputs`` logits. (B, C, H, W) -> (B, outputs)."""
-
-    def __init__(self, image_shape: ImageShape, outputs: int, channels: int = 64, num_blocks: int = 4) -> None:
-        super().__init__()
-        c, h, w = image_shape
-        self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(ResnetBlock(channels, channels) for _ in range(num_blocks))
-        self.mid = nn.ModuleList(
-            [ResnetBlock(channels, channels), AttentionBlock(channels), ResnetBlock(channels, channels)]
-        )
-        self.norm_out = group_norm(channels)
-        self.conv_out = nn.Conv2d(channels, 1, 3, padding=1)
-        self.dense = nn.Linear(h * w, outputs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
-        for layer in [*self.blocks, *self.mid]:
-            h = layer(h)
-        h = self.conv_out(F.silu(self.norm_out(h)))
-        return self.dense(h.flatten(1)).float()
 
 
 def sum_of_gamma_noise(shape: torch.Size, k: int, tau: float = 10.0, s: int = 10, device=None) -> Tensor:
@@ -111,6 +88,8 @@ class KHotLatent(Latent):
         noise: ``"sum_of_gamma"`` or ``"gumbel"``: the perturbation while training.
         deterministic_eval: in eval mode take the top-``k`` of the unperturbed logits.
     """
+
+    surrogate = True
 
     def __init__(
         self,
@@ -174,7 +153,7 @@ class GaussianLatent(Latent):
         mu, log_var = self.encoder(x).chunk(2, dim=-1)
         z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
         kl = 0.5 * (mu.square() + log_var.exp() - log_var - 1).sum(-1)
-        return LatentSample(z, kl, kl)
+        return LatentSample(z, kl)
 
     def sample_prior(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         return torch.randn(batch_size, self.dim, device=device)

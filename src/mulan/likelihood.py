@@ -13,40 +13,54 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mulan import elbo, sampling
+from mulan import elbo, ode
 from mulan.elbo import NUM_BINS
-from mulan.model import DiffusionModel, ELBOTerms
+from mulan.model import Bound, DiffusionModel
+from mulan.processes.base import Context, as_context
 
 
 @torch.no_grad()
-def dense_elbo(model: DiffusionModel, images: Tensor, num_times: int = 128, chunk_size: int = 1024) -> ELBOTerms:
+def dense_elbo(
+    model: DiffusionModel, images: Tensor, y: Tensor | None = None, num_times: int = 128, chunk_size: int = 1024
+) -> Bound:
     """The bound of each image averaged over ``K = num_times`` stratified times ``t_j = (u + j) / K``.
 
     Each of the ``K`` evaluations draws its own latent, noise and reconstruction noise, so the average is an
-    unbiased estimate of the bound with far less variance than one sample. ``images``: uint8 (B, C, H, W).
-    Returns per-image terms (B,) in nats. ``chunk_size`` bounds how many (image, time) pairs run at once.
+    unbiased estimate of the bound with far less variance than one sample. ``images``: uint8 (B, C, H, W); ``y``:
+    their conditioning inputs or None. Returns the per-image :class:`~mulan.model.Bound` (each (B,), nats).
+    ``chunk_size`` bounds how many (image, time) pairs run at once.
     """
     b = images.shape[0]
     u = torch.rand(b, 1, device=images.device)
     t = ((u + torch.arange(num_times, device=images.device) / num_times) % 1.0).reshape(-1)  # (B K,)
-    repeated = images.repeat_interleave(num_times, dim=0)
-    parts = [model(x, t=tt) for x, tt in zip(repeated.split(chunk_size), t.split(chunk_size), strict=True)]
-    fields = {name: torch.cat([getattr(p, name) for p in parts]).view(b, num_times).mean(1) for name in _FIELDS}
-    return ELBOTerms(**fields)
+    index = torch.arange(b, device=images.device).repeat_interleave(num_times)
+    parts = []
+    for rows, times in zip(index.split(chunk_size), t.split(chunk_size), strict=True):
+        parts.append(model(images[rows], y=None if y is None else y[rows], t=times))
+
+    def mean(group: str) -> dict[str, Tensor]:
+        names = getattr(parts[0], group)
+        return {n: torch.cat([getattr(p, group)[n] for p in parts]).view(b, num_times).mean(1) for n in names}
+
+    return Bound(mean("terms"), mean("extras"), mean("penalties"))
 
 
-def dense_elbo_dataset(model: DiffusionModel, batches: Iterable[Tensor], num_times: int = 128) -> ELBOTerms:
-    """:func:`dense_elbo` over an iterable of uint8 batches, concatenated per image."""
+def dense_elbo_dataset(model: DiffusionModel, batches: Iterable[Tensor], num_times: int = 128) -> Bound:
+    """:func:`dense_elbo` over an iterable of batches (uint8 tensors, or ``(images, y)`` pairs), per image."""
     device = next(model.parameters()).device
-    parts = [dense_elbo(model, batch.to(device), num_times) for batch in batches]
-    return ELBOTerms(**{name: torch.cat([getattr(p, name) for p in parts]) for name in _FIELDS})
+    parts = []
+    for batch in batches:
+        images, y = batch if isinstance(batch, tuple | list) else (batch, None)
+        parts.append(dense_elbo(model, images.to(device), None if y is None else y.to(device), num_times))
 
+    def cat(group: str) -> dict[str, Tensor]:
+        return {n: torch.cat([getattr(p, group)[n] for p in parts]) for n in getattr(parts[0], group)}
 
-_FIELDS = ("recon", "prior", "diffusion", "latent", "latent_surrogate")
+    return Bound(cat("terms"), cat("extras"), cat("penalties"))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Likelihood by the probability-flow ODE (MATH.md section 6)
+# Likelihood by the probability-flow ODE (docs: math, section 6)
 
 TRUNCATION = 3.0
 """The dequantiser's truncated normal lives on ``[-TRUNCATION, TRUNCATION]`` standard deviations."""
@@ -90,29 +104,6 @@ def rademacher_like(x: Tensor, generator: torch.Generator | None = None) -> Tens
     return (2 * bits - 1).to(x.dtype)
 
 
-def drift_and_divergence(
-    model: DiffusionModel, x: Tensor, t: Tensor, z: Tensor | None, probe: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """The probability-flow drift (B, C, H, W) and its divergence ``sum_i d drift_i / d x_i`` (B,), per time.
-
-    ``probe`` given: Hutchinson's unbiased estimate ``probe^T J probe`` with one vector-Jacobian product
-    (``torch.autograd.grad``). ``probe=None``: the exact trace of the Jacobian, one backward pass per
-    dimension (for small ``D``; assumes examples do not interact in the denoiser, as they do not in eval-mode
-    networks)."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        drift = sampling.probability_flow_drift(model, x, t, z)
-        if probe is not None:
-            (vjp,) = torch.autograd.grad(drift, x, probe)
-            return drift.detach(), (vjp * probe).flatten(1).sum(1)
-        flat = drift.flatten(1)
-        diagonal = [
-            torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
-            for i in range(flat.shape[1])
-        ]
-    return drift.detach(), torch.stack(diagonal, 1).sum(1)
-
-
 def standard_normal_log_density(x: Tensor) -> Tensor:
     """``log N(x; 0, I)`` summed per example: (B, ...) -> (B,) nats."""
     return -0.5 * (x.square() + math.log(2 * math.pi)).flatten(1).sum(1)
@@ -122,7 +113,7 @@ def standard_normal_log_density(x: Tensor) -> Tensor:
 def ode_log_density(
     model: DiffusionModel,
     x: Tensor,
-    z: Tensor | None = None,
+    ctx: Context | Tensor | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     dtype: torch.dtype = torch.float32,
@@ -130,45 +121,27 @@ def ode_log_density(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> ODELogDensity:
-    """``log p(x | z)`` of continuous data ``x`` (B, C, H, W) under the probability-flow ODE, in nats.
+    """``log p(x | ctx)`` of continuous data ``x`` (B, C, H, W) under the probability-flow ODE, in nats.
 
-    Integrates the augmented state ``(x_t, int_0^t div dt)`` from t = 0 (``gamma(0)``, the data end) to t = 1
-    and returns ``log p(x) = log N(x_1; 0, I) + int_0^1 div(drift) dt`` (change of variables:
-    ``d/dt log p_t(x_t) = -div``). The divergence is exact (``exact_divergence=True``, ``D`` backward passes
-    per evaluation) or a Hutchinson estimate with ONE Rademacher probe drawn from ``generator`` and held fixed
-    for the whole solve (the estimate of ``log p(x)`` is then unbiased up to the solver's error).
-
-    The solver is ``torchdiffeq.odeint`` with ``method="dopri5"`` (adaptive RK45, Dormand-Prince) at
-    ``rtol``/``atol``, in ``dtype`` (float32 default, or float64), TF32 off, autocast off for the schedule and
-    the ODE. Unlike ``scipy.integrate.solve_ivp`` it runs on the tensor's device and batched: the state stays
-    on the GPU with no host round trip per evaluation. The batch shares one step size, controlled by the worst
-    per-example error (:func:`mulan.sampling.per_example_norm`)."""
-    from torchdiffeq import odeint
-
+    Integrates the augmented state ``(x_t, int_0^t div dt)`` from t = 0 (the data end) to t = 1 and returns
+    ``log p(x) = log N(x_1; 0, I) + int_0^1 div(drift) dt`` (change of variables: ``d/dt log p_t(x_t) = -div``).
+    The divergence is exact (``exact_divergence=True``, ``D`` backward passes per evaluation) or a Hutchinson
+    estimate with ONE Rademacher probe drawn from ``generator`` and held fixed for the whole solve: the estimate
+    of ``log p(x)`` is then unbiased (up to the solver's error), but not of ``p(x)``. Solver: :func:`mulan.ode.solve`
+    (dopri5 at ``rtol``/``atol`` in ``dtype``, TF32 off, autocast off outside the denoiser)."""
+    ctx = as_context(ctx)
     x = x.to(dtype)
     probe = None if exact_divergence else rademacher_like(x, generator)
-    nfe = 0
+    f = ode.drift(model, ctx)
 
-    with sampling.progress_bar(1.0, "ODE likelihood", progress) as advance:
-        reached = 0.0
+    def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        velocity, div = ode.drift_and_divergence(f, t, state[0], probe)
+        return velocity, div.to(dtype)
 
-        def func(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-            nonlocal nfe, reached
-            nfe += 1
-            if progress and float(t) > reached:
-                advance(float(t) - reached)
-                reached = float(t)
-            drift, div = drift_and_divergence(model, state[0], t, z, probe)
-            return drift, div.to(dtype)
-
-        times = torch.tensor([0.0, 1.0], dtype=dtype, device=x.device)
-        state = (x, x.new_zeros(x.shape[0]))
-        with sampling.tf32_disabled():
-            options = {"norm": sampling.per_example_norm}
-            solution = odeint(func, state, times, rtol=rtol, atol=atol, method="dopri5", options=options)
-            x_path, div_path = solution
-    x_1 = x_path[-1]
-    return ODELogDensity(standard_normal_log_density(x_1) + div_path[-1], x_1, nfe)
+    (x_1, integral), nfe = ode.solve(
+        augmented, (x, x.new_zeros(x.shape[0])), 0.0, 1.0, rtol, atol, progress, "ODE likelihood"
+    )
+    return ODELogDensity(standard_normal_log_density(x_1) + integral, x_1, nfe)
 
 
 def dequantise(
@@ -195,18 +168,18 @@ def dequantise(
     return x_tilde, log_q.flatten(1).sum(1).to(dtype)
 
 
-def dequantisation_scale(model: DiffusionModel, z: Tensor | None, batch_size: int) -> Tensor:
-    """``sigma_0 = exp(gamma(0, z) / 2)`` from the schedule's endpoints, capped at ``HALF_BIN / 3`` (so the
-    truncated normal stays inside the bin; the cap is inactive at ``gamma_min = -13.3``, where
-    ``3 sigma_0 = 0.00388 < 1/256``). Broadcastable to the data, float32."""
-    gamma_0 = model.schedule.endpoints(z, batch_size)[0].float()
-    return torch.exp(0.5 * gamma_0).clamp_max(HALF_BIN / TRUNCATION)
+def dequantisation_scale(model: DiffusionModel, ctx: Context, batch_size: int) -> Tensor:
+    """The process's data noise scale at ``t = 0`` (``exp(gamma(0) / 2)`` for a schedule), capped at
+    ``HALF_BIN / 3`` so the truncated normal stays inside the bin (the cap is inactive at ``gamma_min = -13.3``,
+    where ``3 sigma_0 = 0.00388 < 1/256``). Broadcastable to the data, float32."""
+    return model.process.dequantisation_scale(ctx, batch_size).clamp_max(HALF_BIN / TRUNCATION)
 
 
 @torch.no_grad()
 def ode_likelihood(
     model: DiffusionModel,
     images: Tensor,
+    y: Tensor | None = None,
     num_draws: int = 1,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -225,7 +198,7 @@ def ode_likelihood(
 
         -log P(k) <= -logmeanexp_k [log p(x~_k | z) - log q(x~_k | x)] + kl(x)          (nats)
 
-    with ``kl`` the latent's honest cost (``log C(m, k)`` for a k-hot latent, MATH.md section 3), an upper
+    with ``kl`` the latent's honest cost (``log C(m, k)`` for a k-hot latent, docs: math, section 3), an upper
     bound on ``KL(q(z | x) || p(z))``. Both densities are in the data units ``[-1, 1]``, so no further offset
     enters: the bin width ``2/256`` is already inside ``log q``. For scale: per dimension ``log2 q`` averages
     ``-log2 sigma_0 - log2(Phi(3) - Phi(-3)) + E[log2 phi(u)] = 9.594 + 0.004 - 2.028 = 7.57`` bits at
@@ -236,16 +209,16 @@ def ode_likelihood(
     :class:`ODELikelihood`. Solver options as in :func:`ode_log_density`."""
     model.check_images(images)
     start = time.perf_counter()
-    latent = model.latent(elbo.to_unit_interval(images))
-    scale = dequantisation_scale(model, latent.z, images.shape[0])
+    ctx, latent_cost, _ = model.encode(elbo.to_unit_interval(images), y)
+    scale = dequantisation_scale(model, ctx, images.shape[0])
     log_weights, nfes = [], []
     for _ in range(num_draws):
         x_tilde, log_q = dequantise(images, scale, generator, dtype)
-        result = ode_log_density(model, x_tilde, latent.z, rtol, atol, dtype, exact_divergence, generator, progress)
+        result = ode_log_density(model, x_tilde, ctx, rtol, atol, dtype, exact_divergence, generator, progress)
         log_weights.append(result.log_p - log_q)
         nfes.append(result.nfe)
     log_mean = torch.logsumexp(torch.stack(log_weights), 0) - math.log(num_draws)
-    latent_nats = latent.kl.to(dtype)
+    latent_nats = latent_cost.to(dtype)
     nll = latent_nats - log_mean
     if images.is_cuda:
         torch.cuda.synchronize(images.device)

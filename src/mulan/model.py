@@ -1,7 +1,8 @@
-"""The diffusion model as one pure-torch module: latent + schedule + denoiser -> the terms of the bound.
+"""The diffusion model as one pure-torch module: latent + forward process + denoiser -> the named terms of the bound.
 
-One training step, and the only way data flows: uint8 images -> ``x`` in [-1, 1] -> ``z ~ q(z | x)`` ->
-times ``t`` -> ``gamma(t, z)``, ``dgamma/dt`` -> ``x_t`` -> ``eps_hat(x_t, gamma, z)`` -> loss terms -> BPD.
+One training step, and the only way data flows (docs: architecture): uint8 images -> ``x`` in [-1, 1] ->
+``z ~ q(z | x)`` (the latent) -> times ``t`` and weights (the time sampler) -> ``x_t ~ q(x_t | x)`` (the process) ->
+the denoiser's output -> ``eps_hat`` (the parameterisation) -> the terms of the bound, per example, in nats.
 VDM is this model with :class:`~mulan.latents.NoLatent` and a scalar schedule; MuLAN is the same model with a
 k-hot latent and the polynomial schedule.
 """
@@ -9,64 +10,89 @@ k-hot latent and the polynomial schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from mulan import elbo
 from mulan.latents import Latent, NoLatent
-from mulan.schedules import ImageShape, NoiseSchedule
+from mulan.parameterisation import Epsilon, Parameterisation
+from mulan.processes.base import Context, ForwardProcess, ImageShape, Marginal, Predictor, as_context
+from mulan.time_sampling import AntitheticUniform, TimeSampler
 from mulan.utils import float32_region
+
+BOUND_TERMS = ("recon", "prior", "diffusion", "latent")
+"""The terms whose sum is the bound on ``-log P(x)``."""
 
 
 @dataclass
-class ELBOTerms:
-    """Per-example terms of the bound, each (B,) in nats. ``total`` uses the honest latent cost ``latent``."""
+class Bound:
+    """Per-example quantities (each (B,), nats) by name.
 
-    recon: Tensor
-    prior: Tensor
-    diffusion: Tensor
-    latent: Tensor
-    latent_surrogate: Tensor
+    ``terms``: the terms of the bound (:data:`BOUND_TERMS`), whose sum is :attr:`total`; ``extras``: quantities
+    reported beside it but not part of it (e.g. the MuLAN reference code's surrogate latent cost,
+    ``latent_surrogate``); ``penalties``: training-only regularisers that the training loss adds to the bound
+    (not part of it either).
+    """
+
+    terms: dict[str, Tensor]
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    penalties: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def total(self) -> Tensor:
-        return self.recon + self.prior + self.diffusion + self.latent
+        """The bound on ``-log P(x)`` per example, (B,) nats."""
+        values = list(self.terms.values())
+        total = values[0]
+        for value in values[1:]:
+            total = total + value
+        return total
 
-    @property
-    def total_surrogate(self) -> Tensor:
-        """The bound as the MuLAN reference code computes it (surrogate latent KL): not a valid bound."""
-        return self.recon + self.prior + self.diffusion + self.latent_surrogate
+    def __getitem__(self, name: str) -> Tensor:
+        if name == "total":
+            return self.total
+        for group in (self.terms, self.extras, self.penalties):
+            if name in group:
+                return group[name]
+        raise KeyError(f"no quantity {name!r} in this bound; it has {', '.join(self.as_dict())}.")
+
+    def __getattr__(self, name: str) -> Tensor:  # bound.diffusion, bound.total, ...
+        if name.startswith("__") or name in ("terms", "extras", "penalties"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(str(error)) from None
 
     def as_dict(self) -> dict[str, Tensor]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["total"] = self.total
-        return out
+        """Every quantity by name, ``total`` first."""
+        return {"total": self.total, **self.terms, **self.extras, **self.penalties}
 
 
 class DiffusionModel(nn.Module):
-    """Variational diffusion model with an optional auxiliary latent and any noise schedule.
+    """Variational diffusion model with an optional auxiliary latent and any forward process.
 
     Args:
         image_shape: ``(C, H, W)`` of the data.
-        schedule: a :class:`~mulan.schedules.NoiseSchedule`.
-        denoiser: maps ``(x_t, gamma, z)`` to ``eps_hat`` (B, C, H, W).
+        process: a :class:`~mulan.processes.ForwardProcess` (a noise schedule, for VDM and MuLAN).
+        denoiser: maps ``(x_t, gamma, z)`` (and ``y=`` when the data is conditional) to a state-shaped output.
         latent: a :class:`~mulan.latents.Latent`; ``None`` means no latent (VDM).
+        parameterisation: what the denoiser's output is (:mod:`mulan.parameterisation`; default the noise).
+        time_sampler: the training times and their importance weights (default: antithetic uniform).
         timesteps: ``0`` for the continuous-time loss, ``T > 0`` for the discrete ``T``-step loss.
-        channels_last: store the 4-D (convolution) weights in channels-last memory format. A convolution with a
-            channels-last weight returns a channels-last activation, so from the first convolution on every
-            convolution, GroupNorm, SiLU and the attention run on NHWC tensors end to end (oneDNN on CPU,
-            tensor-core kernels on GPU). The data, noise and loss stay NCHW, so the random draws and the values
-            are those of the default layout (docs/benchmarks.md).
+        channels_last: store the 4-D (convolution) weights in channels-last memory format; convolutions then run on
+            NHWC activations end to end (same values; docs: benchmarks).
     """
 
     def __init__(
         self,
         image_shape: ImageShape,
-        schedule: NoiseSchedule,
+        process: ForwardProcess,
         denoiser: nn.Module,
         latent: Latent | None = None,
+        parameterisation: Parameterisation | None = None,
+        time_sampler: TimeSampler | None = None,
         timesteps: int = 0,
         channels_last: bool = False,
     ) -> None:
@@ -74,9 +100,16 @@ class DiffusionModel(nn.Module):
         if timesteps < 0:
             raise ValueError(f"timesteps must be 0 (continuous time) or a positive step count, got {timesteps}.")
         self.image_shape: ImageShape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
+        if tuple(process.image_shape) != self.image_shape:
+            raise ValueError(
+                f"the process was built for images of shape {tuple(process.image_shape)}, the model for "
+                f"{self.image_shape}: build both with the data's (C, H, W)."
+            )
         self.num_dims = math.prod(self.image_shape)
-        self.schedule, self.denoiser = schedule, denoiser
+        self.process, self.denoiser = process, denoiser
         self.latent = latent if latent is not None else NoLatent(self.image_shape)
+        self.parameterisation = parameterisation or Epsilon()
+        self.time_sampler = time_sampler or AntitheticUniform()
         self.timesteps = timesteps
         self.channels_last = channels_last
         if channels_last:
@@ -84,50 +117,96 @@ class DiffusionModel(nn.Module):
                 if p.dim() == 4:
                     p.data = p.data.contiguous(memory_format=torch.channels_last)
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """Names of everything :meth:`forward` returns, as in :meth:`Bound.as_dict`."""
+        extras = ("latent_surrogate",) if self.latent.surrogate else ()
+        return ("total", *BOUND_TERMS, *extras, *self.process.penalty_names)
+
+    # ------------------------------------------------------------------------------------------ checks
     def check_images(self, images: Tensor) -> None:
-        """Raise a clear error unless ``images`` is uint8 of shape (B, *image_shape)."""
-        if images.dtype != torch.uint8:
+        """Raise a clear error unless ``images`` is a non-empty uint8 batch of shape (B, *image_shape)."""
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8:
             raise TypeError(
-                f"expected uint8 images with values 0..255, got dtype {images.dtype}; the data module must yield "
-                "raw 8-bit images (the model maps them to [-1, 1] itself)."
+                f"expected uint8 images with values 0..255, got {getattr(images, 'dtype', type(images).__name__)}; "
+                "the data module must yield raw 8-bit images (the model maps them to [-1, 1] itself)."
             )
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"expected images of shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}; "
-                "the model's image_shape must match the data (set model.image_shape or pick the matching data)."
+                "the model's image_shape must match the data (rebuild the model for this data, or pick the data "
+                "the model was trained on)."
             )
+        if images.shape[0] == 0:
+            raise ValueError("got an empty batch (0 images); give at least one image.")
 
-    def forward(self, images: Tensor, t: Tensor | None = None) -> ELBOTerms:
-        """One-sample estimate of the bound. ``images``: uint8 (B, C, H, W); ``t``: optional (B,) times."""
+    @staticmethod
+    def check_times(t: Tensor, batch_size: int) -> None:
+        """Raise a clear error unless ``t`` is (B,) with every value finite and in [0, 1]."""
+        if t.shape != (batch_size,):
+            raise ValueError(f"times t must have shape ({batch_size},), one per image; got {tuple(t.shape)}.")
+        if not bool(torch.all((t >= 0) & (t <= 1))):  # NaN fails both comparisons
+            raise ValueError(f"times t must lie in [0, 1] (0: data, 1: noise); got min {t.min()}, max {t.max()}.")
+
+    # ------------------------------------------------------------------------------------------ the model
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Context, Tensor, Tensor | None]:
+        """``z ~ q(z | x)`` for ``x`` in [-1, 1]: the :class:`Context` (``z``, ``y``), the latent's cost in the bound
+        (B,) nats, and the surrogate cost (B,) or None."""
+        sample = self.latent(x)
+        return Context(z=sample.z, y=y), sample.kl.float(), sample.kl_surrogate
+
+    def predictor(self, ctx: Context) -> Predictor:
+        """``predict(x_t, marginal) -> eps_hat``: the denoiser and the parameterisation for this context."""
+        denoiser, parameterisation = self.denoiser, self.parameterisation
+
+        def predict(x_t: Tensor, m: Marginal) -> Tensor:
+            param = next(denoiser.parameters(), None)
+            dtype = param.dtype if param is not None and param.is_floating_point() else x_t.dtype
+            extra = {} if ctx.y is None else {"y": ctx.y}
+            output = denoiser(x_t.to(dtype), m.gamma.to(dtype), ctx.z, **extra)  # autocast may run this low
+            with float32_region(x_t):
+                return parameterisation.to_eps(output, x_t, m).to(x_t.dtype)
+
+        return predict
+
+    def forward(
+        self,
+        images: Tensor,
+        y: Tensor | None = None,
+        t: Tensor | None = None,
+        eps: Tensor | None = None,
+        recon_noise: Tensor | None = None,
+    ) -> Bound:
+        """One-sample estimate of the bound for uint8 ``images`` (B, C, H, W), per example, in nats.
+
+        ``y``: the conditioning input of conditional data; ``t``: (B,) times in [0, 1] (then uniform, weight 1;
+        default: the time sampler's); ``eps``: the noise of ``x_t`` (state-shaped); ``recon_noise``: the noise of
+        ``x_0`` in the reconstruction term (image-shaped). Noise not given is drawn.
+        """
         self.check_images(images)
         x = elbo.to_unit_interval(images)
-        latent = self.latent(x)
+        ctx, latent_cost, surrogate = self.encode(x, y)
         if t is None:
-            t = elbo.antithetic_times(x.shape[0], x.device)
-        with float32_region(x):
-            gamma_0, gamma_1 = self.schedule.endpoints(latent.z, x.shape[0])
-            recon = elbo.reconstruction_loss(images, gamma_0)
-            prior = elbo.prior_loss(x, gamma_1)
-        diffusion = self.diffusion_term(x, t, latent.z)
-        return ELBOTerms(recon, prior, diffusion, latent.kl.float(), latent.kl_surrogate.float())
+            t, weight = self.time_sampler(x.shape[0], self.process, ctx)
+        else:
+            self.check_times(t, x.shape[0])
+            weight = None
+        recon = self.process.reconstruction_loss(images, ctx, recon_noise)
+        prior = self.process.prior_loss(x, ctx)
+        diffusion = self.diffusion_term(x, t, ctx, eps)
+        if weight is not None:
+            diffusion = diffusion * weight
+        terms = {"recon": recon, "prior": prior, "diffusion": diffusion, "latent": latent_cost}
+        extras = {} if surrogate is None else {"latent_surrogate": surrogate.float()}
+        return Bound(terms, extras, self.process.penalties(x, ctx))
 
-    def diffusion_term(self, x: Tensor, t: Tensor, z: Tensor | None, eps: Tensor | None = None) -> Tensor:
-        """``L_diff`` per example (B,), continuous or ``T``-step depending on ``timesteps``.
-
-        ``x``: (B, C, H, W) in [-1, 1]; ``t``: (B,); ``eps``: optional fixed noise like ``x``.
-        """
-        eps = torch.randn_like(x) if eps is None else eps
-        if self.timesteps:
-            t, s = elbo.discretise_times(t, self.timesteps)
-            gamma_s = self.schedule.gamma(s, z)
-        gamma_t, dgamma_dt = self.schedule(t, z)
-        alpha, sigma = elbo.alpha_sigma(gamma_t)
-        x_t = alpha * x + sigma * eps
-        eps_hat = self.denoiser(x_t, gamma_t, z)  # the only part that autocast may run in low precision
-        with float32_region(x):
-            if self.timesteps:
-                return elbo.discrete_diffusion_loss(eps, eps_hat, gamma_t, gamma_s, self.timesteps)
-            return elbo.diffusion_loss(eps, eps_hat, dgamma_dt)
+    def diffusion_term(
+        self, x: Tensor, t: Tensor, ctx: Context | Tensor | None = None, eps: Tensor | None = None
+    ) -> Tensor:
+        """The diffusion term (B,) nats of data ``x`` (B, C, H, W) in [-1, 1] (continuous values allowed) at times
+        ``t`` (B,): continuous time or ``timesteps`` steps. ``ctx``: a :class:`Context` or the latent ``z``."""
+        ctx = as_context(ctx)
+        return self.process.diffusion_loss(x, t, ctx, self.predictor(ctx), eps, self.timesteps)
 
     def bpd(self, nats: Tensor) -> Tensor:
         """Nats per example to bits per dimension of this model's data."""

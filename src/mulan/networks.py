@@ -1,4 +1,4 @@
-"""The VDM U-Net denoiser ``eps_hat(x_t, gamma, z)`` and its building blocks (MATH.md section 9).
+"""The VDM U-Net denoiser ``eps_hat(x_t, gamma, z)`` and its building blocks (docs: math, section 9).
 
 No down-sampling: ``num_blocks`` ResNet blocks down, a middle ResNet-attention-ResNet, ``num_blocks + 1``
 ResNet blocks up with skip connections, Fourier features of the input, and ``eps_hat = x_t + NN(x_t)`` with a
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, ImageShape
+from mulan.processes.base import ImageShape
+from mulan.schedules import GAMMA_MAX, GAMMA_MIN
 from mulan.utils import float32_region
 
 
@@ -118,6 +119,12 @@ class UNet(nn.Module):
         gamma_conditioning: ``"mean"``: the time embedding sees the mean of ``gamma`` (reference); ``"map"``:
             also the normalised per-dimension ``gamma`` map as extra input channels.
         gamma_min, gamma_max: used to normalise ``gamma`` to a time in [0, 1].
+        skip: return ``x_t + NN(x_t)`` (VDM's "base measure", kept by the MuLAN reference for its v-model too);
+            ``False``: ``NN(x_t)`` alone.
+        condition_channels: channels of an image conditioning input ``y`` (B, C', H', W'), resized to ``H x W`` and
+            concatenated to the input (0: none).
+        num_classes: number of classes of a label conditioning input ``y`` (B,), embedded into the conditioning
+            vector (0: none).
     """
 
     def __init__(
@@ -132,6 +139,9 @@ class UNet(nn.Module):
         gamma_conditioning: str = "mean",
         gamma_min: float = GAMMA_MIN,
         gamma_max: float = GAMMA_MAX,
+        skip: bool = True,
+        condition_channels: int = 0,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         if attention not in ("mid", "all"):
@@ -142,8 +152,10 @@ class UNet(nn.Module):
         self.image_shape, self.latent_dim, self.channels = tuple(image_shape), latent_dim, channels
         self.gamma_conditioning, self.gamma_min, self.gamma_max = gamma_conditioning, gamma_min, gamma_max
         self.fourier = FourierFeatures(fourier_exponents) if fourier_exponents else None
-        n_inputs = in_channels * (1 + 2 * len(fourier_exponents) + (gamma_conditioning == "map"))
+        self.skip, self.condition_channels, self.num_classes = skip, condition_channels, num_classes
+        n_inputs = in_channels * (1 + 2 * len(fourier_exponents) + (gamma_conditioning == "map")) + condition_channels
         cond_dim = 4 * channels
+        self.class_embedding = nn.Embedding(num_classes, cond_dim) if num_classes else None
         self.cond_mlp = nn.Sequential(
             nn.Linear(channels + latent_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim), nn.SiLU()
         )
@@ -166,24 +178,34 @@ class UNet(nn.Module):
     def normalised_gamma(self, gamma: Tensor) -> Tensor:
         return (gamma.float() - self.gamma_min) / (self.gamma_max - self.gamma_min)
 
-    def conditioning(self, gamma: Tensor, z: Tensor | None) -> Tensor:
-        """Time embedding of the mean ``gamma`` (+ ``z``) through the MLP: (B, 4 channels)."""
+    def conditioning(self, gamma: Tensor, z: Tensor | None, y: Tensor | None = None) -> Tensor:
+        """Time embedding of the mean ``gamma`` (+ ``z``) through the MLP (+ a class embedding): (B, 4 channels)."""
         t = self.normalised_gamma(gamma).flatten(1).mean(1)
         emb = timestep_embedding(1000 * t, self.channels)
         if self.latent_dim:
             if z is None:
                 raise ValueError(f"this denoiser was built for a latent of size {self.latent_dim}; got z=None.")
             emb = torch.cat([emb, z.to(emb.dtype)], dim=1)
-        return self.cond_mlp(emb)
+        cond = self.cond_mlp(emb)
+        if self.class_embedding is not None:
+            if y is None or y.dim() != 1:
+                raise ValueError(
+                    f"this denoiser was built for class labels y of shape (B,) ({self.num_classes} classes)."
+                )
+            cond = cond + self.class_embedding(y.long())
+        return cond
 
-    def forward(self, x_t: Tensor, gamma: Tensor, z: Tensor | None = None) -> Tensor:
-        """``x_t``: (B, C, H, W); ``gamma``: (B, 1, 1, 1) or (B, C, H, W); ``z``: (B, m) or None -> (B, C, H, W)."""
-        cond = self.conditioning(gamma, z)
+    def forward(self, x_t: Tensor, gamma: Tensor, z: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        """``x_t``: (B, C, H, W); ``gamma``: (B, 1, 1, 1) or (B, C, H, W); ``z``: (B, m) or None; ``y``: the
+        conditioning input (see ``condition_channels``, ``num_classes``) or None -> (B, C, H, W)."""
+        cond = self.conditioning(gamma, z, y)
         inputs = [x_t]
         if self.fourier is not None:
             inputs.append(self.fourier(x_t))
         if self.gamma_conditioning == "map":
             inputs.append(self.normalised_gamma(gamma).expand_as(x_t) * 2 - 1)
+        if self.condition_channels:
+            inputs.append(condition_image(y, x_t, self.condition_channels))
         h = self.conv_in(torch.cat(inputs, dim=1))
         skips = [h]
         for res, attn in zip(self.down, self.down_attn, strict=True):
@@ -193,7 +215,45 @@ class UNet(nn.Module):
             h = layer(h, cond)
         for res, attn in zip(self.up, self.up_attn, strict=True):
             h = attn(res(torch.cat([h, skips.pop()], dim=1), cond))
-        return x_t + self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return x_t + out if self.skip else out
+
+
+def condition_image(y: Tensor | None, like: Tensor, channels: int) -> Tensor:
+    """An image conditioning input ``y`` (B, channels, H', W') resized (bilinear) to ``like``'s (H, W), in its dtype.
+
+    ``y`` is uint8 (mapped to [-1, 1]) or already a float image in [-1, 1]."""
+    if y is None or y.dim() != 4 or y.shape[1] != channels:
+        shape = None if y is None else tuple(y.shape)
+        raise ValueError(f"expected an image conditioning input y of shape (B, {channels}, H', W'), got {shape}.")
+    y = (y.float() + 0.5) * (2.0 / 256) - 1.0 if y.dtype == torch.uint8 else y.float()
+    if tuple(y.shape[-2:]) != tuple(like.shape[-2:]):
+        y = F.interpolate(y, size=like.shape[-2:], mode="bilinear", align_corners=False)
+    return y.to(like.dtype)
+
+
+class ImageEncoder(nn.Module):
+    """MuLAN's encoder network: conv-in, ResNet blocks (no down-sampling), ResNet-attention-ResNet,
+    conv-out to one channel, flatten, dense to ``outputs`` logits. (B, C, H, W) -> (B, outputs)."""
+
+    def __init__(self, image_shape: ImageShape, outputs: int, channels: int = 64, num_blocks: int = 4) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(ResnetBlock(channels, channels) for _ in range(num_blocks))
+        self.mid = nn.ModuleList(
+            [ResnetBlock(channels, channels), AttentionBlock(channels), ResnetBlock(channels, channels)]
+        )
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, 1, 3, padding=1)
+        self.dense = nn.Linear(h * w, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for layer in [*self.blocks, *self.mid]:
+            h = layer(h)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return self.dense(h.flatten(1)).float()
 
 
 DenoiserFactory = Callable[[ImageShape, int], nn.Module]

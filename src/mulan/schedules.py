@@ -1,8 +1,9 @@
-"""Noise schedules: ``gamma(t, z)``, the negative log-SNR, and its time derivative (MATH.md section 2).
+"""Noise schedules: ``gamma(t, z)``, the negative log-SNR, and its time derivative (docs: math, section 2).
 
-Every schedule is an ``nn.Module`` built as ``Schedule(image_shape, latent_dim, **options)`` and called as
-``schedule(t, z) -> (gamma, dgamma_dt)`` with ``t`` of shape ``(B,)`` in ``[0, 1]`` and ``z`` of shape
-``(B, latent_dim)`` (or ``None``). Both outputs are float32 and broadcastable to the data ``(B, C, H, W)``:
+A schedule is a diagonal forward process (:class:`~mulan.processes.DiagonalProcess`, ``x_t = alpha x + sigma eps``)
+built as ``Schedule(image_shape, latent_dim, **options)`` and called as ``schedule(t, ctx) -> (gamma, dgamma_dt)``
+with ``t`` of shape ``(B,)`` in ``[0, 1]`` and a :class:`~mulan.processes.Context` whose ``z`` is ``(B, latent_dim)``
+(or ``None``). Both outputs are float32 and broadcastable to the data ``(B, C, H, W)``:
 ``(B, 1, 1, 1)`` for a scalar schedule, ``(B, C, H, W)`` for a multivariate one. ``gamma`` increases in ``t``;
 ``sigma^2 = sigmoid(gamma)``, ``alpha^2 = sigmoid(-gamma)``, ``SNR = exp(-gamma)``.
 
@@ -19,61 +20,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mulan.utils import float32_region
+from mulan.processes.base import Context, ImageShape
+from mulan.processes.diagonal import DiagonalProcess
 
 GAMMA_MIN = -13.3
 GAMMA_MAX = 5.0
 
-ImageShape = tuple[int, int, int]
 
+class NoiseSchedule(DiagonalProcess):
+    """Base class of the schedules, built as ``Schedule(image_shape, latent_dim, **options)``.
 
-class NoiseSchedule(nn.Module):
-    """Base class. Subclasses implement :meth:`gamma_and_derivative` on float32 inputs.
-
-    Attributes:
-        multivariate: ``True`` when ``gamma`` has one value per data dimension.
-        fixed_endpoints: ``True`` when ``gamma(0) = gamma_min`` and ``gamma(1) = gamma_max`` for every ``z``;
-            then the reconstruction and prior terms do not depend on the schedule.
+    ``latent_dim`` is the size of the latent ``z`` the schedule may condition on (0: none). Subclasses implement
+    :meth:`gamma_and_derivative` on float32 times (B, 1, 1, 1) and the context ``ctx`` (``ctx.z``: (B, m) or None).
     """
 
-    multivariate: bool = False
-    fixed_endpoints: bool = True
-
     def __init__(self, image_shape: ImageShape, latent_dim: int, gamma_min: float, gamma_max: float) -> None:
-        super().__init__()
-        if not gamma_min < gamma_max:
-            raise ValueError(f"gamma_min ({gamma_min}) must be smaller than gamma_max ({gamma_max}).")
-        self.image_shape = tuple(image_shape)
+        super().__init__(image_shape, gamma_min, gamma_max)
         self.latent_dim = latent_dim
-        self.gamma_min = float(gamma_min)
-        self.gamma_max = float(gamma_max)
-
-    def forward(self, t: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``t``: (B,) times in [0, 1]; ``z``: (B, m) or None. Returns float32 ``(gamma, dgamma_dt)``."""
-        with float32_region(t):
-            return self.gamma_and_derivative(t.float().reshape(-1, 1, 1, 1), z)
-
-    def gamma(self, t: Tensor, z: Tensor | None = None) -> Tensor:
-        """``gamma(t, z)`` alone, shape as :meth:`forward`."""
-        return self(t, z)[0]
-
-    def endpoints(self, z: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
-        """``(gamma(0, z), gamma(1, z))``, each broadcastable to the data, float32."""
-        device = self._device()
-        if self.fixed_endpoints:
-            const = torch.ones(batch_size, 1, 1, 1, device=device)
-            return const * self.gamma_min, const * self.gamma_max
-        zeros = torch.zeros(batch_size, device=device)
-        return self.gamma(zeros, z), self.gamma(zeros + 1, z)
-
-    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``t``: float32 (B, 1, 1, 1). Implemented by subclasses."""
-        raise NotImplementedError
-
-    def _device(self) -> torch.device:
-        p = next(self.parameters(), None)
-        b = next(self.buffers(), None)
-        return p.device if p is not None else (b.device if b is not None else torch.device("cpu"))
 
 
 class FixedLinear(NoiseSchedule):
@@ -85,7 +48,7 @@ class FixedLinear(NoiseSchedule):
         super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # tracks the device
 
-    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+    def gamma_and_derivative(self, t: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         slope = self.gamma_max - self.gamma_min
         return self.gamma_min + slope * t, torch.full_like(t, slope)
 
@@ -102,7 +65,7 @@ class LearnedScalar(NoiseSchedule):
         self.b = nn.Parameter(torch.tensor(self.gamma_min))
         self.w = nn.Parameter(torch.tensor(self.gamma_max - self.gamma_min))
 
-    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+    def gamma_and_derivative(self, t: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         slope = self.w.float().abs()
         return self.b.float() + slope * t, slope.expand_as(t)
 
@@ -145,7 +108,7 @@ class MonotoneNN(NoiseSchedule):
         dg = self.w1.float().abs() + (2 * s * (1 - s) * 2 * w2) @ w3[:, None]
         return g, dg
 
-    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+    def gamma_and_derivative(self, t: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         ends = torch.tensor([[0.0], [1.0]], device=t.device)
         g, dg = self._unnormalised(torch.cat([t.reshape(-1, 1), ends]))
         g_t, dg_t, g0, g1 = g[:-2], dg[:-2], g[-2], g[-1]
@@ -153,7 +116,7 @@ class MonotoneNN(NoiseSchedule):
         gamma = gamma_0 + span * (g_t - g0) / (g1 - g0)
         return gamma.reshape(t.shape), (span * dg_t / (g1 - g0)).reshape(t.shape)
 
-    def endpoints(self, z: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
+    def endpoints(self, ctx: Context | None, batch_size: int) -> tuple[Tensor, Tensor]:
         const = torch.ones(batch_size, 1, 1, 1, device=self.w1.device)
         gamma_0 = self.gamma_0.float()
         return const * gamma_0, const * (gamma_0 + self.delta.float().abs())
@@ -169,9 +132,13 @@ class Polynomial(NoiseSchedule):
     Monotone by construction; ``gamma(0) = gamma_min`` and ``gamma(1) = gamma_max`` exactly for every ``z``.
 
     Args:
-        hidden: width of the two hidden layers (reference: the data dimension ``D``; ``None`` means ``D``).
+        hidden: width of the two hidden layers (reference: the data dimension ``D``; ``None`` means ``D``). The
+            reference head has ``~4 D^2`` parameters; a small ``hidden`` (e.g. 64) makes it linear in ``D``.
         reduce: ``"none"`` (multivariate), or ``"mean"``: the per-dimension ``gamma`` averaged over dimensions
             (the paper's scalar ablation; still adaptive to ``z``).
+        init: ``"reference"``: PyTorch's default initialisation with head ``a`` zero (a random polynomial per
+            dimension at the start); ``"linear"``: the three output layers start at zero weight (and ``a``, ``b`` at
+            zero bias), so every dimension starts on the linear schedule and the head learns departures from it.
         latent_dim: input size; ``0`` means no latent: the network sees a constant input (the paper's
             "multivariate, learned, not adaptive" ablation).
     """
@@ -186,10 +153,13 @@ class Polynomial(NoiseSchedule):
         gamma_max: float = GAMMA_MAX,
         hidden: int | None = None,
         reduce: str = "none",
+        init: str = "reference",
     ) -> None:
         super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
         if reduce not in ("none", "mean"):
-            raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}.")
+            raise ValueError(f"Polynomial: reduce must be 'none' or 'mean', got {reduce!r}.")
+        if init not in ("reference", "linear"):
+            raise ValueError(f"Polynomial: init must be 'reference' or 'linear', got {init!r}.")
         self.reduce = reduce
         self.multivariate = reduce == "none"
         dim = math.prod(image_shape)
@@ -198,6 +168,10 @@ class Polynomial(NoiseSchedule):
         self.head_a, self.head_b, self.head_c = (nn.Linear(hidden, dim) for _ in range(3))
         nn.init.zeros_(self.head_a.weight)
         nn.init.zeros_(self.head_a.bias)
+        if init == "linear":
+            nn.init.zeros_(self.head_b.weight)
+            nn.init.zeros_(self.head_b.bias)
+            nn.init.zeros_(self.head_c.weight)
 
     def coefficients(self, z: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
         """``a, b, c`` of shape (B, C, H, W), float32; ``c >= 1e-3``."""
@@ -209,8 +183,8 @@ class Polynomial(NoiseSchedule):
         c = 1e-3 + F.softplus(self.head_c(h)).view(shape)
         return a, b, c
 
-    def gamma_and_derivative(self, t: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
-        a, b, c = self.coefficients(z, t.shape[0])
+    def gamma_and_derivative(self, t: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+        a, b, c = self.coefficients(ctx.z, t.shape[0])
         f_t = _poly_integral(a, b, c, t)
         f_1 = _poly_integral(a, b, c, torch.ones_like(t))
         span = self.gamma_max - self.gamma_min
@@ -219,10 +193,6 @@ class Polynomial(NoiseSchedule):
         if self.reduce == "mean":
             return gamma.mean((1, 2, 3), keepdim=True), dgamma.mean((1, 2, 3), keepdim=True)
         return gamma, dgamma
-
-    def endpoints(self, z: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
-        const = torch.ones(batch_size, 1, 1, 1, device=self.head_a.weight.device)
-        return const * self.gamma_min, const * self.gamma_max
 
 
 def _poly_integral(a: Tensor, b: Tensor, c: Tensor, t: Tensor) -> Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import cast
 
 import lightning as L
 import numpy as np
@@ -15,9 +14,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.aggregation import CatMetric
 
 from mulan.figures import image_grid, schedule_maps, snr_variance
-from mulan.lightning.module import DiffusionModule
+from mulan.lightning.task import DiffusionTask, split_batch
 from mulan.likelihood import dense_elbo, ode_likelihood
 from mulan.sampling import ancestral_sample
 
@@ -93,8 +93,10 @@ class EvaluationCallback(L.Callback):
     ) -> None:
         super().__init__()
         self.ode_images, self.ode_draws, self.ode_rtol, self.ode_atol = ode_images, ode_draws, ode_rtol, ode_atol
-        self._ode: list[tuple[Tensor, Tensor, float]] = []
+        self._ode_bpd, self._ode_nfe, self._dense_bpd = CatMetric(), CatMetric(), CatMetric()
+        self._ode_seconds: list[float] = []
         self._ode_seen = 0
+        self._sample_y: list[Tensor] = []
         self.every_n_validations, self.num_images, self.num_times = every_n_validations, num_images, num_times
         self.num_samples, self.sample_steps, self.sample_batch_size = num_samples, sample_steps, sample_batch_size
         self.fid, self.kid, self.kid_subset_size, self.progress = fid, kid, kid_subset_size, progress
@@ -102,7 +104,6 @@ class EvaluationCallback(L.Callback):
         self.metrics: dict[str, Metric] = {}
         self._validations = 0
         self._active = False
-        self._bpd: list[Tensor] = []
         self._seen = 0
 
     # ------------------------------------------------------------------ set-up: fail early, not after training
@@ -121,7 +122,7 @@ class EvaluationCallback(L.Callback):
             self.metrics["fid"] = FrechetInceptionDistance(feature=feature)
         if self.kid:
             self.metrics["kid"] = KernelInceptionDistance(feature=feature, subset_size=self.kid_subset_size)
-        for metric in self.metrics.values():
+        for metric in [*self.metrics.values(), self._dense_bpd, self._ode_bpd, self._ode_nfe]:
             metric.to(pl_module.device)
 
     # ------------------------------------------------------------------ per stage
@@ -132,56 +133,71 @@ class EvaluationCallback(L.Callback):
             self._active = due and not trainer.sanity_checking
         else:
             self._active = True
-        self._bpd, self._seen, self._ode, self._ode_seen = [], 0, [], 0
-        for metric in self.metrics.values():
+        self._seen, self._ode_seen, self._ode_seconds, self._sample_y = 0, 0, [], []
+        for metric in [*self.metrics.values(), self._dense_bpd, self._ode_bpd, self._ode_nfe]:
             metric.reset()
 
-    def _batch(self, pl_module: DiffusionModule, batch: Tensor) -> None:
+    def _batch(self, pl_module: DiffusionTask, batch: Tensor | tuple) -> None:
         if not self._active or self._seen >= self.num_images:
             return
-        images = batch[: self.num_images - self._seen]
+        images, y = split_batch(batch)
+        images = images[: self.num_images - self._seen]
+        y = None if y is None else y[: images.shape[0]]
         self._seen += images.shape[0]
-        terms = dense_elbo(pl_module.model, images, num_times=self.num_times)
-        self._bpd.append(pl_module.model.bpd(terms.total))
+        bound = dense_elbo(pl_module.model, images, y, num_times=self.num_times)
+        self._dense_bpd.update(pl_module.model.bpd(bound.total))
         for metric in self.metrics.values():
             metric.update(_rgb(images), real=True)
-        self._ode_batch(pl_module, images)
+        if y is not None:
+            self._sample_y.append(y)
+        self._ode_batch(pl_module, images, y)
 
-    def _ode_batch(self, pl_module: DiffusionModule, batch: Tensor) -> None:
+    def _ode_batch(self, pl_module: DiffusionTask, images: Tensor, y: Tensor | None) -> None:
         if self._ode_seen >= self.ode_images:
             return
         # The ODE's divergence needs autograd, which Lightning's evaluation loops switch off.
         with torch.inference_mode(False), torch.enable_grad():
-            images = batch[: self.ode_images - self._ode_seen].clone()
+            count = self.ode_images - self._ode_seen
+            images, y = images[:count].clone(), None if y is None else y[:count].clone()
             self._ode_seen += images.shape[0]
             result = ode_likelihood(
                 pl_module.model,
                 images,
+                y,
                 num_draws=self.ode_draws,
                 rtol=self.ode_rtol,
                 atol=self.ode_atol,
                 progress=self.progress,
             )
-        self._ode.append((result.bpd.detach(), result.nfe.detach().float(), result.seconds_per_image))
+        self._ode_bpd.update(result.bpd.detach())
+        self._ode_nfe.update(result.nfe.detach().float())
+        self._ode_seconds.append(result.seconds_per_image)
 
-    def _end(self, trainer: L.Trainer, pl_module: DiffusionModule, stage: str) -> None:
+    def _end(self, trainer: L.Trainer, pl_module: DiffusionTask, stage: str) -> None:
         if not self._active:
             return
-        bpd = cast(Tensor, pl_module.all_gather(torch.cat(self._bpd))).reshape(-1)
+        # CatMetric gathers every rank's values, uneven counts included: each image is counted once.
+        bpd = self._dense_bpd.compute().reshape(-1)
         results = {f"{stage}/dense_bpd": bpd.mean(), f"{stage}/dense_bpd_stderr": bpd.std() / math.sqrt(bpd.numel())}
-        if self._ode:
-            ode = cast(Tensor, pl_module.all_gather(torch.cat([b for b, _, _ in self._ode]))).reshape(-1)
+        results[f"{stage}/dense_images"] = torch.tensor(float(bpd.numel()))
+        if self.ode_images > 0:
+            ode = self._ode_bpd.compute().reshape(-1)
             results[f"{stage}/ode_bpd"] = ode.mean()
             results[f"{stage}/ode_bpd_stderr"] = ode.std() / math.sqrt(ode.numel())
-            results[f"{stage}/ode_nfe"] = torch.cat([n.reshape(-1) for _, n, _ in self._ode]).mean()
-            results[f"{stage}/ode_seconds_per_image"] = torch.tensor(sum(s for *_, s in self._ode) / len(self._ode))
+            results[f"{stage}/ode_nfe"] = self._ode_nfe.compute().mean()
+            seconds = self._ode_seconds or [0.0]
+            results[f"{stage}/ode_seconds_per_image"] = torch.tensor(sum(seconds) / len(seconds))
         if self.metrics:
             per_rank = math.ceil(self.num_samples / trainer.world_size)
+            given = torch.cat(self._sample_y) if self._sample_y else None
             for start in range(0, per_rank, self.sample_batch_size):
+                count = min(self.sample_batch_size, per_rank - start)
+                y = None if given is None else given[torch.arange(start, start + count) % given.shape[0]]
                 samples = ancestral_sample(
                     pl_module.model,
-                    min(self.sample_batch_size, per_rank - start),
+                    count,
                     steps=self.sample_steps,
+                    y=y,
                     progress=self.progress and trainer.is_global_zero,
                 ).samples
                 for metric in self.metrics.values():
@@ -234,9 +250,9 @@ class PicturesCallback(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0:
-            self._images = batch[: self.num_maps]
+            self._images = split_batch(batch)[0][: self.num_maps]
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: DiffusionModule) -> None:  # type: ignore[override]
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: DiffusionTask) -> None:  # type: ignore[override]
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         self._validations += 1
@@ -246,7 +262,7 @@ class PicturesCallback(L.Callback):
         model, step, writer = pl_module.model, trainer.global_step, logger.experiment
         samples = ancestral_sample(model, self.num_samples, steps=self.sample_steps).samples
         writer.add_image("samples", image_grid(samples), step)
-        if model.schedule.multivariate and self._images is not None:
+        if model.process.multivariate and self._images is not None:
             writer.add_figure("schedule/log_snr_maps", schedule_maps(model, self._images), step)
             writer.add_figure("schedule/snr_variance_across_latents", snr_variance(model)[0], step)
 
@@ -263,7 +279,7 @@ class SampleWriter(BasePredictionWriter):
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if self._images is None:
-            self._images = batch[:4]
+            self._images = split_batch(batch)[0][:4]
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +291,7 @@ class SampleWriter(BasePredictionWriter):
             self.output_dir / f"samples{suffix}.png"
         )
         model = pl_module.model
-        if model.schedule.multivariate and self._images is not None:
+        if model.process.multivariate and self._images is not None:
             schedule_maps(model, self._images.to(pl_module.device)).savefig(
                 self.output_dir / f"schedule_maps{suffix}.png", dpi=120
             )

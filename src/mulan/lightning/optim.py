@@ -52,6 +52,17 @@ def _fused_supported(params: list[Any]) -> bool:
     )
 
 
+def parameter_groups(parameters: Iterable[torch.nn.Parameter], **options: Any) -> list[dict[str, Any]]:
+    """Trainable ``parameters`` as up to two AdamW groups with ``options``: weights (2-D and up; decayed) and
+    biases, normalisation scales and other vectors or scalars (``weight_decay = 0``). Empty groups are dropped."""
+    params = [p for p in parameters if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], **options},
+        {"params": [p for p in params if p.ndim < 2], **options, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 class LinearWarmup(LambdaLR):
     """Linear warm-up from ``lr / warmup_steps`` to ``lr`` over ``warmup_steps`` optimiser steps, then constant."""
 

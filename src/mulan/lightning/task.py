@@ -1,0 +1,222 @@
+"""The LightningModule: components in, the bound's named terms out. It wires training, logging and optimisation;
+the model is :class:`mulan.model.DiffusionModel` (pure torch) and the data comes from :mod:`mulan.lightning.data`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from mulan.latents import LatentFactory, NoLatent
+from mulan.lightning.metrics import MeanStdErr
+from mulan.lightning.optim import AdamW, LinearWarmup, parameter_groups
+from mulan.model import Bound, DiffusionModel
+from mulan.networks import DenoiserFactory, UNet
+from mulan.parameterisation import Epsilon, ParameterisationFactory
+from mulan.processes.base import ImageShape, ProcessFactory
+from mulan.sampling import ancestral_sample
+from mulan.schedules import FixedLinear
+from mulan.time_sampling import AntitheticUniform, TimeSamplerFactory
+
+STAGES = ("train", "val", "test")
+
+
+def split_batch(batch: Tensor | tuple | list) -> tuple[Tensor, Tensor | None]:
+    """A batch is uint8 images (B, C, H, W), or ``(images, y)`` for conditional data."""
+    if isinstance(batch, tuple | list):
+        images, y = batch
+        return images, y
+    return batch, None
+
+
+class DiffusionTask(L.LightningModule):
+    """Trains a diffusion model on uint8 images by minimising its bound in bits/dim.
+
+    Components are factories (a class plus its options in the config), called with the data's shape.
+
+    Args:
+        image_shape: ``(C, H, W)``; the CLI links it from ``data.image_shape``.
+        denoiser: called as ``denoiser(image_shape, latent_dim)``.
+        process: the forward process (a noise schedule for VDM and MuLAN), called as
+            ``process(image_shape, latent_dim)``.
+        latent: called as ``latent(image_shape)``; ``NoLatent`` for VDM.
+        parameterisation: what the denoiser predicts (``mulan.parameterisation.Epsilon``, ``Velocity``, ``Data``).
+        time_sampler: training times and importance weights (default: antithetic uniform).
+        timesteps: 0 for continuous time, ``T`` for the ``T``-step loss.
+        optimizer: called with the parameter groups (default: AdamW, lr 2e-4, betas (0.9, 0.99), wd 0.01;
+            biases and normalisation scales are never decayed).
+        lr_scheduler: called with the optimiser, stepped every optimiser step (default: 100-step warm-up).
+        process_lr: learning rate of the process and latent-encoder parameters (default: the optimiser's).
+        process_weight_decay: their weight decay (default: the optimiser's; biases are never decayed).
+        seed_every_step: seed the random draws of training step ``n`` on rank ``r`` from ``(seed, n, r)``, where
+            ``seed`` is the run's seed: every DDP rank draws its own times, noise, latents and dropout, and a run
+            resumed from a checkpoint draws exactly what the uninterrupted run would.
+        sample_steps: ancestral sampling steps of ``predict``.
+        channels_last: convolution weights (hence activations) in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        image_shape: ImageShape = (3, 32, 32),
+        denoiser: DenoiserFactory = UNet,
+        process: ProcessFactory = FixedLinear,
+        latent: LatentFactory = NoLatent,
+        parameterisation: ParameterisationFactory = Epsilon,
+        time_sampler: TimeSamplerFactory = AntitheticUniform,
+        timesteps: int = 0,
+        optimizer: OptimizerCallable = AdamW,
+        lr_scheduler: LRSchedulerCallable = LinearWarmup,
+        process_lr: float | None = None,
+        process_weight_decay: float | None = None,
+        seed_every_step: bool = True,
+        sample_steps: int = 256,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
+        latent_module = latent(image_shape)
+        self.model = DiffusionModel(
+            image_shape,
+            process=process(image_shape, latent_module.dim),
+            denoiser=denoiser(image_shape, latent_module.dim),
+            latent=latent_module,
+            parameterisation=parameterisation(),
+            time_sampler=time_sampler(),
+            timesteps=timesteps,
+            channels_last=channels_last,
+        )
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.process_lr, self.process_weight_decay = process_lr, process_weight_decay
+        self.seed_every_step, self.sample_steps = seed_every_step, sample_steps
+        self._base_seed = torch.initial_seed()
+        self.meters = nn.ModuleDict(
+            {f"{stage}_{name}": MeanStdErr() for stage in STAGES for name in self.model.term_names}
+        )
+        self.test_results: dict[str, tuple[float, float]] = {}
+
+    # ----------------------------------------------------------------------------------------- steps
+    def forward(self, images: Tensor, y: Tensor | None = None) -> Bound:
+        """The per-example bound (nats) of uint8 images (B, C, H, W)."""
+        return self.model(images, y)
+
+    def bound(self, batch: Tensor | tuple) -> Bound:
+        """The one-sample bound of a batch (uint8 images, or ``(images, y)``): what every step evaluates."""
+        images, y = split_batch(batch)
+        return self.model(images, y)
+
+    def _update(self, stage: str, bound: Bound) -> dict[str, Tensor]:
+        """Bits/dim per example of every quantity, added to the stage's meters; returned by name."""
+        bpd = {name: self.model.bpd(value) for name, value in bound.as_dict().items()}
+        for name, value in bpd.items():
+            cast(MeanStdErr, self.meters[f"{stage}_{name}"]).update(value.detach())
+        return bpd
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.seed_every_step:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            torch.manual_seed((self._base_seed + 1 + self.global_step * world + rank) % 2**63)
+
+    def training_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
+        bound = self.bound(batch)
+        bpd = self._update("train", bound)
+        loss = bpd["total"].mean() + sum((bpd[name].mean() for name in bound.penalties), torch.zeros(()))
+        if not torch.isfinite(loss):
+            bad = {name: float(value.mean()) for name, value in bpd.items()}
+            raise FloatingPointError(
+                f"non-finite loss at global step {self.global_step} (bits/dim per term: {bad}); training "
+                "stopped. The last good checkpoint is kept; lower the learning rate or check the data."
+            )
+        self.log("train/bpd_step", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Tensor | tuple, batch_idx: int) -> None:
+        self._update("val", self.bound(batch))
+
+    def test_step(self, batch: Tensor | tuple, batch_idx: int) -> None:
+        self._update("test", self.bound(batch))
+
+    def predict_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
+        """As many ancestral samples (uint8 (B, C, H, W), ``z`` from the prior; given the batch's ``y`` for
+        conditional data) as the batch has images."""
+        images, y = split_batch(batch)
+        return ancestral_sample(self.model, images.shape[0], steps=self.sample_steps, y=y).samples
+
+    def _log_epoch(self, stage: str) -> dict[str, tuple[float, float]]:
+        results = {}
+        for name in self.model.term_names:
+            meter = cast(MeanStdErr, self.meters[f"{stage}_{name}"])
+            mean, stderr = meter.compute()
+            meter.reset()
+            results[name] = (float(mean), float(stderr))
+        self.log_dict({f"{stage}/bpd" if n == "total" else f"{stage}/{n}_bpd": m for n, (m, _) in results.items()})
+        self.log(f"{stage}/bpd_stderr", results["total"][1])
+        return results
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_epoch("test")
+        lines = [f"{'term':<18}{'bits/dim':>12}{'std. err.':>12}"]
+        lines += [f"{n:<18}{m:>12.4f}{s:>12.4f}" for n, (m, s) in self.test_results.items()]
+        rank_zero_info(
+            "Test bound (one-sample ELBO per image; 'total' uses the honest latent cost):\n" + "\n".join(lines)
+        )
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mulan_base_seed"] = self._base_seed  # a resumed run draws what the uninterrupted one would
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._base_seed = int(checkpoint.get("mulan_base_seed", self._base_seed))
+        saved = checkpoint.get("hyper_parameters", {}).get("image_shape")
+        ours = tuple(int(s) for s in self.hparams["image_shape"])
+        if saved is not None and tuple(int(s) for s in saved) != ours:
+            raise ValueError(
+                f"checkpoint {self._checkpoint_name()} was trained on images of shape {tuple(saved)} (C, H, W), but "
+                f"the data given now has shape {ours}. Evaluate it on data of shape {tuple(saved)}: with mulan-cli, "
+                "leave out --data so the data configuration saved in the checkpoint is used."
+            )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            detail = str(error).split(":", 1)[-1].strip()
+            raise RuntimeError(
+                f"checkpoint {self._checkpoint_name()} was trained with a different model configuration than the "
+                f"one given now: {detail}\nWith mulan-cli, test it without --model so the configuration saved in "
+                "the checkpoint is used."
+            ) from error
+
+    def _checkpoint_name(self) -> str:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return repr(str(path)) if path else "(the one being loaded)"
+
+    # ----------------------------------------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict]:
+        """The denoiser's parameters, and the process's and latent encoder's (options ``process_lr``,
+        ``process_weight_decay``), each split into decayed weights and not-decayed biases and scales."""
+        options: dict[str, float] = {}
+        if self.process_lr is not None:
+            options["lr"] = self.process_lr
+        if self.process_weight_decay is not None:
+            options["weight_decay"] = self.process_weight_decay
+        learned_noise: Iterable[nn.Parameter] = [*self.model.process.parameters(), *self.model.latent.parameters()]
+        return parameter_groups(self.model.denoiser.parameters()) + parameter_groups(learned_noise, **options)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

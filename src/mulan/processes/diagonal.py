@@ -1,0 +1,159 @@
+"""Diagonal Gaussian processes ``x_t = alpha_t x + sigma_t eps`` defined by a noise schedule ``gamma(t)``.
+
+``gamma`` is the negative log-SNR, scalar (VDM) or one value per data dimension (MuLAN), increasing in ``t``;
+``sigma^2 = sigmoid(gamma)``, ``alpha^2 = sigmoid(-gamma)`` (docs: math, sections 1-2). A subclass only says what
+``gamma(t, context)`` and ``d gamma / d t`` are (:meth:`DiagonalProcess.gamma_and_derivative`); this class turns
+them into the terms of the bound (section 4), the ancestral step (section 5) and the probability-flow ODE
+(section 6), all element-wise per dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mulan import elbo
+from mulan.processes.base import Context, ForwardProcess, ImageShape, Marginal, Predictor, as_context
+from mulan.utils import float32_region
+
+DECODE_MODES = ("argmax", "sample", None)
+
+
+class DiagonalProcess(ForwardProcess):
+    """Base class of the schedules: the forward process ``q(x_t | x) = N(alpha_t x, sigma_t^2)`` per dimension.
+
+    Subclasses implement :meth:`gamma_and_derivative`. Calling the process, ``process(t, ctx)``, returns the
+    float32 pair ``(gamma, dgamma_dt)``, each broadcastable to the data: (B, 1, 1, 1) for a scalar schedule,
+    (B, C, H, W) for a per-dimension one.
+
+    Attributes:
+        fixed_endpoints: ``True`` when ``gamma(0) = gamma_min`` and ``gamma(1) = gamma_max`` for every context;
+            then the reconstruction and prior terms do not depend on the schedule.
+    """
+
+    fixed_endpoints: bool = True
+
+    def __init__(self, image_shape: ImageShape, gamma_min: float, gamma_max: float) -> None:
+        super().__init__(image_shape)
+        if not gamma_min < gamma_max:
+            raise ValueError(
+                f"gamma_min ({gamma_min}) must be smaller than gamma_max ({gamma_max}): gamma is the negative "
+                "log-SNR, low (little noise) at t = 0 and high at t = 1."
+            )
+        self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
+
+    # ------------------------------------------------------------------------------------------ the schedule
+    def gamma_and_derivative(self, t: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+        """``gamma(t)`` and ``d gamma / d t`` for float32 times ``t`` of shape (B, 1, 1, 1). Subclasses implement."""
+        raise NotImplementedError
+
+    def forward(self, t: Tensor, ctx: Context | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``t``: (B,) times in [0, 1]; ``ctx``: a :class:`Context`, or the latent ``z`` alone. Returns float32
+        ``(gamma, dgamma_dt)``, autocast off."""
+        ctx = as_context(ctx)
+        with float32_region(t):
+            return self.gamma_and_derivative(t.float().reshape(-1, 1, 1, 1), ctx)
+
+    def gamma(self, t: Tensor, ctx: Context | Tensor | None = None) -> Tensor:
+        """``gamma(t)`` alone, shape as :meth:`forward`."""
+        return self(t, ctx)[0]
+
+    def endpoints(self, ctx: Context | None, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``(gamma(0), gamma(1))``, each broadcastable to the data, float32."""
+        if self.fixed_endpoints:
+            const = torch.ones(batch_size, 1, 1, 1, device=self.device())
+            return const * self.gamma_min, const * self.gamma_max
+        zeros = torch.zeros(batch_size, device=self.device())
+        return self.gamma(zeros, ctx), self.gamma(zeros + 1, ctx)
+
+    def marginal(self, t: Tensor, ctx: Context) -> Marginal:
+        gamma, dgamma = self(t, ctx)
+        alpha, sigma = elbo.alpha_sigma(gamma)
+        return Marginal(gamma=gamma, alpha=alpha, sigma=sigma, dgamma=dgamma)
+
+    def _coefficients(self, t: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor, Marginal]:
+        """``alpha``, ``sigma``, ``dgamma`` and the :class:`Marginal` holding them (with ``gamma``) at times ``t``."""
+        m = self.marginal(t, ctx)
+        assert m.alpha is not None and m.sigma is not None and m.dgamma is not None
+        return m.alpha, m.sigma, m.dgamma, m
+
+    # ------------------------------------------------------------------------------------------ the bound
+    def diffusion_loss(
+        self, x: Tensor, t: Tensor, ctx: Context, predict: Predictor, eps: Tensor | None = None, steps: int = 0
+    ) -> Tensor:
+        """Continuous time: ``1/2 sum_i gamma'_i(t) (eps_i - eps_hat_i)^2``; ``T`` steps: ``t`` moved to the grid
+        ``ceil(t T) / T``, ``s = t - 1/T`` and ``1/2 T sum_i expm1(gamma_t,i - gamma_s,i) (eps_i - eps_hat_i)^2``."""
+        eps = torch.randn_like(x) if eps is None else eps
+        if steps:
+            t, s = elbo.discretise_times(t, steps)
+            gamma_s = self.gamma(s, ctx)
+        alpha, sigma, dgamma, m = self._coefficients(t, ctx)
+        x_t = alpha * x + sigma * eps
+        eps_hat = predict(x_t, m)
+        with float32_region(x):
+            if steps:
+                return elbo.discrete_diffusion_loss(eps, eps_hat, m.gamma, gamma_s, steps)
+            return elbo.diffusion_loss(eps, eps_hat, dgamma)
+
+    def prior_loss(self, x: Tensor, ctx: Context) -> Tensor:
+        with float32_region(x):
+            return elbo.prior_loss(x, self.endpoints(ctx, x.shape[0])[1])
+
+    def reconstruction_loss(self, images: Tensor, ctx: Context, noise: Tensor | None = None) -> Tensor:
+        with float32_region(images):
+            return elbo.reconstruction_loss(images, self.endpoints(ctx, images.shape[0])[0], noise)
+
+    # ------------------------------------------------------------------------------------------ generation
+    def prior_sample(self, num_samples: int, ctx: Context, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn((num_samples, *self.state_shape), device=self.device(), generator=generator)
+
+    def ancestral_step(
+        self, x_t: Tensor, t: Tensor, s: Tensor, ctx: Context, predict: Predictor, noise: Tensor
+    ) -> Tensor:
+        """``c = -expm1(gamma_s - gamma_t) = 1 - SNR_t / SNR_s`` and, element-wise,
+        ``x_s = (alpha_s / alpha_t) (x_t - sigma_t c eps_hat) + sigma_s sqrt(c) noise``."""
+        _, sigma_t, _, m = self._coefficients(t, ctx)
+        gamma_s = self.gamma(s, ctx)
+        eps_hat = predict(x_t, m)
+        with float32_region(x_t):
+            c = -torch.expm1(gamma_s - m.gamma)
+            sigma_s = elbo.alpha_sigma(gamma_s)[1]
+            alpha_ratio = torch.exp(0.5 * (F.logsigmoid(-gamma_s) - F.logsigmoid(-m.gamma)))
+            return alpha_ratio * (x_t - sigma_t * c * eps_hat) + sigma_s * c.clamp_min(0).sqrt() * noise
+
+    def ode_drift(self, x: Tensor, t: Tensor, ctx: Context, predict: Predictor) -> Tensor:
+        """``dx/dt = 1/2 sigma_t gamma'_t (eps_hat - sigma_t x)`` in ``x``'s dtype (float32 or float64): the SDE
+        ``dx = f x dt + g dW`` with ``f = -sigma^2 gamma' / 2`` and ``g^2 = sigma^2 gamma'`` has these marginals, and
+        its probability-flow ODE is ``f x - g^2 score / 2`` with ``score = -eps_hat / sigma``."""
+        t = t.to(x.dtype).expand(x.shape[0]) if t.dim() == 0 else t.to(x.dtype)
+        with float32_region(x):
+            gamma, dgamma = self.gamma_and_derivative(t.reshape(-1, 1, 1, 1), ctx)
+            gamma, dgamma = gamma.to(x.dtype), dgamma.to(x.dtype)
+            alpha, sigma = elbo.alpha_sigma(gamma)
+        eps_hat = predict(x, Marginal(gamma=gamma, alpha=alpha, sigma=sigma, dgamma=dgamma))
+        with float32_region(x):
+            return 0.5 * sigma * dgamma * (eps_hat.to(x.dtype) - sigma * x)
+
+    def decode(
+        self, x_0: Tensor, ctx: Context, mode: str | None = "argmax", generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The 256-way decoder ``p(x | x_0)``: ``z~ = x_0 / alpha_0``, logits ``-(z~ - e(v))^2 / (2 e^gamma_0)``."""
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode must be 'argmax', 'sample' or None, got {mode!r}.")
+        if mode is None:
+            return x_0
+        with float32_region(x_0):
+            gamma_0 = self.endpoints(ctx, x_0.shape[0])[0].float()
+            alpha_0 = elbo.alpha_sigma(gamma_0)[0]
+            logits = elbo.decoder_logits(x_0.float() / alpha_0, gamma_0)  # (N, C, H, W, 256)
+            if mode == "argmax":
+                values = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits, -1).reshape(-1, elbo.NUM_BINS)
+                values = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+        return values.to(torch.uint8)
+
+    def dequantisation_scale(self, ctx: Context, batch_size: int) -> Tensor:
+        """``sigma_0 / alpha_0 = exp(gamma(0) / 2)``, float32, broadcastable to the data."""
+        return torch.exp(0.5 * self.endpoints(ctx, batch_size)[0].float())
