@@ -41,7 +41,8 @@ class DiffusionTask(L.LightningModule):
 
     Args:
         image_shape: ``(C, H, W)``; the CLI links it from ``data.image_shape``.
-        denoiser: called as ``denoiser(image_shape, latent_dim)``.
+        denoiser: called as ``denoiser(state_shape, latent_dim)``: the process's state shape, which is the image
+            shape except for processes with auxiliary variables.
         process: the forward process (a noise schedule for VDM and MuLAN), called as
             ``process(image_shape, latent_dim)``.
         latent: called as ``latent(image_shape)``; ``NoLatent`` for VDM.
@@ -81,10 +82,11 @@ class DiffusionTask(L.LightningModule):
         self.save_hyperparameters()
         image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
         latent_module = latent(image_shape)
+        process_module = process(image_shape, latent_module.dim)
         self.model = DiffusionModel(
             image_shape,
-            process=process(image_shape, latent_module.dim),
-            denoiser=denoiser(image_shape, latent_module.dim),
+            process=process_module,
+            denoiser=denoiser(process_module.state_shape, latent_module.dim),
             latent=latent_module,
             parameterisation=parameterisation(),
             time_sampler=time_sampler(),
