@@ -30,9 +30,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 ARCHS = {
-    # the paper's CIFAR-10 denoiser (MATH.md section 9); on a CPU only a couple of steps at a small batch
+    # the paper's CIFAR-10 denoiser (docs: math, section 9); on a CPU only a couple of steps at a small batch
     "paper": dict(channels=128, num_blocks=32, dropout=0.1, attention="mid", batch=4),
-    # the small reference architecture of REFERENCE.md: 64 ch, 8 down + 9 up blocks, mid attention
+    # the small reference architecture: 64 ch, 8 down + 9 up blocks, mid attention
     "small": dict(channels=64, num_blocks=8, dropout=0.1, attention="mid", batch=32),
 }
 IMAGE_SHAPE = (3, 32, 32)

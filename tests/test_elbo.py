@@ -1,4 +1,4 @@
-"""Tests of mulan.elbo and the DiffusionModel loss: the analytic checks of MATH.md section 7, and each term.
+"""Tests of mulan.elbo and the DiffusionModel loss: the analytic checks of docs: math, section 7, and each term.
 
 Monte Carlo checks assert |estimate - exact| < 4 SE (+ a tiny absolute slack), SE estimated from the samples.
 """
@@ -334,7 +334,7 @@ POLY_C = 1e-3 + math.log1p(math.exp(POLY_C_RAW))
 
 
 class ScalarPolynomial(NoiseSchedule):
-    """The scalar polynomial schedule of MATH.md section 2 with fixed scalar a, b, c, written by hand."""
+    """The scalar polynomial schedule of docs: math, section 2 with fixed scalar a, b, c, written by hand."""
 
     def __init__(self, image_shape, latent_dim):
         super().__init__(image_shape, latent_dim, GAMMA_MIN, GAMMA_MAX)

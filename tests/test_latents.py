@@ -1,5 +1,5 @@
 """Tests of mulan.latents: k-hot samples, straight-through gradients, prior, KL terms, Sum-of-Gamma noise,
-the Gaussian latent, and gradients into the schedule and encoder of a full MuLAN model (MATH.md section 3)."""
+the Gaussian latent, and gradients into the schedule and encoder of a full MuLAN model (docs: math, section 3)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_straight_through_gradient_is_gradient_of_soft_projection(noise):
     z = latent(x).z
     grads = torch.autograd.grad((z * w).sum(), params)
 
-    # the same noise again, with soft = centred(l~) / ||centred(l~)|| written out from MATH.md section 3
+    # the same noise again, with soft = centred(l~) / ||centred(l~)|| written out from docs: math, section 3
     torch.manual_seed(42)
     logits = latent.encoder(x)
     perturbed = latent.perturb(logits)

@@ -1,4 +1,4 @@
-"""Tests of the probability-flow ODE likelihood in mulan.likelihood (MATH.md sections 6 and 7).
+"""Tests of the probability-flow ODE likelihood in mulan.likelihood (docs: math, sections 6 and 7).
 
 - Gaussian data ``x ~ N(0, Sigma)`` with the Bayes-optimal denoiser ``eps_hat = S (A Sigma A + S^2)^-1 x_t``
   (``A = diag(alpha)``, ``S = diag(sigma)``, valid for scalar and per-dimension schedules): the ODE gives

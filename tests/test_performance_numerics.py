@@ -1,4 +1,4 @@
-"""Numerics of the performance options: bf16-mixed keeps the float32 islands of MATH.md section 8 and agrees
+"""Numerics of the performance options: bf16-mixed keeps the float32 islands of docs: math, section 8 and agrees
 with float32; channels-last, the fused AdamW default, the flash-attention layout and the decoder's logsumexp
 form change speed, not values."""
 

@@ -1,4 +1,4 @@
-"""Tests of mulan.sampling: the ancestral sampler (MATH.md section 5) and the probability-flow ODE sampler.
+"""Tests of mulan.sampling: the ancestral sampler (docs: math, section 5) and the probability-flow ODE sampler.
 
 Gaussian data ``x ~ N(0, diag(s^2))`` with the Bayes-optimal denoiser makes every answer exact:
 - the ancestral sampler is then linear-Gaussian per dimension, so the variance of its ``x_0`` after ``T``

@@ -1,6 +1,6 @@
 """Tests of mulan.schedules: monotonicity, endpoints, analytic dgamma/dt against autograd, dtypes, shapes.
 
-MATH.md section 2: gamma is the negative log-SNR, increasing in t; FixedLinear/Polynomial (and MonotoneNN with
+docs: math, section 2: gamma is the negative log-SNR, increasing in t; FixedLinear/Polynomial (and MonotoneNN with
 ``learn_endpoints=False``) have fixed endpoints gamma_min/gamma_max; dgamma/dt is analytic.
 """
 
@@ -250,7 +250,7 @@ def test_polynomial_without_latent_is_the_same_for_all_examples():
 
 
 def _scalar_poly(a: float, b: float, c: float, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hand computation, float64, expanded (not Horner) form of MATH.md section 2."""
+    """Hand computation, float64, expanded (not Horner) form of docs: math, section 2."""
     t = t.double()
 
     def f(u):

@@ -7,7 +7,7 @@ with ``t`` of shape ``(B,)`` in ``[0, 1]`` and a :class:`~mulan.processes.Contex
 ``(B, 1, 1, 1)`` for a scalar schedule, ``(B, C, H, W)`` for a multivariate one. ``gamma`` increases in ``t``;
 ``sigma^2 = sigmoid(gamma)``, ``alpha^2 = sigmoid(-gamma)``, ``SNR = exp(-gamma)``.
 
-All schedules compute in float32 with autocast disabled (MATH.md section 8), and ``dgamma_dt`` is analytic:
+All schedules compute in float32 with autocast disabled (docs: math, section 8), and ``dgamma_dt`` is analytic:
 no autograd is needed for it in the training step.
 """
 

@@ -1,0 +1,261 @@
+"""Train-and-evaluate studies: arms (configs + overrides) x seeds, the test bound per term against training steps.
+
+A study file (YAML) names the arms, each a config of ``configs/`` plus command-line overrides, and the budget:
+
+    steps: 2000           # optimiser steps per run
+    every: 250            # a checkpoint (EMA weights) every this many steps
+    seeds: [0, 1, 2]
+    times: 32             # stratified times per test image in the dense ELBO
+    arms:
+      vdm: {config: configs/demo_vdm.yaml}
+      mulan: {config: configs/demo.yaml, overrides: ["--model.init_args.parameterisation=mulan.Velocity"]}
+
+Every run trains through the real CLI (``mulan-cli fit``) in its own process (``--jobs`` at a time, one thread
+each); every checkpoint is then evaluated on the test split with the dense ELBO (every term, bits/dim), and at
+the last step the variance of the one-sample training-loss estimate of a fixed batch is measured. Results are
+cached per (arm, seed, step) in the study's JSON, so an interrupted study resumes where it stopped.
+
+    python benchmarks/study.py benchmarks/studies/colour.yaml --jobs 2
+    python benchmarks/study.py benchmarks/studies/colour.yaml --report-only
+
+Writes ``benchmarks/results/<study>.json`` and ``docs/figures/<study>.png`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_name(arm: str, seed: int) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in arm) + f"/seed{seed}"
+
+
+def train_command(study: dict, arm: str, seed: int, workdir: Path) -> list[str]:
+    """The ``mulan-cli fit`` command line of one run: the arm's config and overrides, the study's budget, and a
+    checkpoint of the EMA weights every ``every`` steps under ``workdir/<arm>/seed<k>/every``."""
+    spec = study["arms"][arm]
+    out = workdir / run_name(arm, seed)
+    return [
+        sys.executable,
+        "-m",
+        "mulan",
+        "fit",
+        "--config",
+        str(ROOT / spec["config"]),
+        *spec.get("overrides", []),
+        f"--seed_everything={seed}",
+        f"--trainer.max_steps={study['steps']}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={out}",
+        "--test_after_fit=false",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={out / 'every'}",
+        f"--trainer.callbacks.every_n_train_steps={study['every']}",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+    ]
+
+
+def train(study: dict, arm: str, seed: int, workdir: Path) -> float:
+    """Run one training in a subprocess (one thread); returns its wall-clock seconds."""
+    log = workdir / f"{run_name(arm, seed)}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        subprocess.run(
+            train_command(study, arm, seed, workdir), check=True, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    return time.perf_counter() - start
+
+
+def _instantiate(hparams: dict[str, Any]) -> Any:
+    """A data module from the hyper-parameters LightningCLI saved (``_class_path`` + init args)."""
+    args = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    module, name = hparams["_class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**args)
+
+
+@torch.no_grad()
+def evaluate(ckpt: Path, times: int, seed: int) -> dict[str, Any]:
+    """Dense-ELBO test bound of one checkpoint: mean and standard error per term (bits/dim)."""
+    from mulan.cli import load_checkpoint
+    from mulan.lightning import DiffusionTask
+    from mulan.lightning.task import split_batch
+    from mulan.likelihood import dense_elbo
+
+    checkpoint = load_checkpoint(str(ckpt))
+    task = DiffusionTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    data = _instantiate(checkpoint["datamodule_hyper_parameters"])
+    data.setup("test")
+    torch.manual_seed(seed)
+    values: dict[str, list[torch.Tensor]] = {}
+    for batch in data.test_dataloader():
+        images, y = split_batch(batch)
+        bound = dense_elbo(task.model, images, y, num_times=times)
+        for name, nats in bound.as_dict().items():
+            values.setdefault(name, []).append(task.model.bpd(nats))
+    out = {}
+    for name, parts in values.items():
+        v = torch.cat(parts).double()
+        out[name] = {"mean": v.mean().item(), "stderr": (v.std() / math.sqrt(v.numel())).item()}
+    return out
+
+
+@torch.no_grad()
+def loss_variance(ckpt: Path, draws: int = 64, seed: int = 0) -> dict[str, float]:
+    """Variance over ``draws`` of the one-sample training-loss estimate (the batch mean of the total, bits/dim) of
+    one fixed training batch, with the training draws (time sampler, noise, latent perturbation); also of the
+    diffusion term alone."""
+    from mulan.cli import load_checkpoint
+    from mulan.lightning import DiffusionTask
+    from mulan.lightning.task import split_batch
+
+    checkpoint = load_checkpoint(str(ckpt))
+    task = DiffusionTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    task.train()
+    for module in task.modules():  # the draws of training, without dropout's extra noise
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    data = _instantiate(checkpoint["datamodule_hyper_parameters"])
+    data.setup("fit")
+    images, y = split_batch(next(iter(data.train_dataloader())))
+    torch.manual_seed(seed)
+    totals, diffusions = [], []
+    for _ in range(draws):
+        bound = task.model(images, y)
+        totals.append(task.model.bpd(bound.total).mean())
+        diffusions.append(task.model.bpd(bound.diffusion).mean())
+    return {"total": torch.stack(totals).var().item(), "diffusion": torch.stack(diffusions).var().item()}
+
+
+def run_arm_seed(study: dict, arm: str, seed: int, workdir: Path, results: dict, save) -> None:
+    entry = results.setdefault(arm, {}).setdefault(str(seed), {})
+    steps = list(range(study["every"], study["steps"] + 1, study["every"]))
+    if not all(str(s) in entry for s in steps):
+        ckpts = workdir / run_name(arm, seed) / "every"
+        if not all((ckpts / f"step={s}.ckpt").is_file() for s in steps):
+            entry["train_seconds"] = train(study, arm, seed, workdir)
+        for s in steps:
+            if str(s) not in entry:
+                entry[str(s)] = evaluate(ckpts / f"step={s}.ckpt", study.get("times", 32), seed)
+                save()
+    if "loss_variance" not in entry:
+        last = workdir / run_name(arm, seed) / "every" / f"step={study['steps']}.ckpt"
+        entry["loss_variance"] = loss_variance(last)
+        save()
+    print(f"done: {arm} seed {seed}", flush=True)
+
+
+def table(study: dict, results: dict) -> str:
+    """Markdown: test bpd (mean +- std over seeds) per arm at each evaluated step, then every term at the end."""
+    steps = list(range(study["every"], study["steps"] + 1, study["every"]))
+    arms = [a for a in study["arms"] if a in results]
+
+    def stat(arm: str, step: int, term: str = "total") -> str:
+        vals = [r[str(step)][term]["mean"] for r in results[arm].values() if str(step) in r and term in r[str(step)]]
+        if not vals:
+            return "-"
+        t = torch.tensor(vals, dtype=torch.float64)
+        return f"{t.mean():.3f} ± {t.std():.3f}" if len(vals) > 1 else f"{t.mean():.3f}"
+
+    lines = ["| arm | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    lines += [f"| {a} | " + " | ".join(stat(a, s) for s in steps) + " |" for a in arms]
+    terms = ["total", "recon", "prior", "diffusion", "latent"]
+    lines += [
+        "",
+        f"Every term at {study['steps']} steps (bits/dim, mean ± std over seeds), and the variance of the",
+        "one-sample training-loss estimate of a fixed batch (bits/dim², mean over seeds):",
+        "",
+    ]
+    lines += ["| arm | " + " | ".join(terms) + " | loss variance | diffusion-term variance |", "|---" * 8 + "|"]
+    for a in arms:
+        var = [r["loss_variance"] for r in results[a].values() if "loss_variance" in r]
+        v_total = sum(v["total"] for v in var) / len(var) if var else float("nan")
+        v_diff = sum(v["diffusion"] for v in var) / len(var) if var else float("nan")
+        cells = " | ".join(stat(a, study["steps"], t) for t in terms)
+        lines.append(f"| {a} | {cells} | {v_total:.4f} | {v_diff:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(study: dict, results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = list(range(study["every"], study["steps"] + 1, study["every"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arm in study["arms"]:
+        if arm not in results:
+            continue
+        rows = [[r[str(s)]["total"]["mean"] for s in steps] for r in results[arm].values() if str(steps[-1]) in r]
+        if not rows:
+            continue
+        t = torch.tensor(rows, dtype=torch.float64)
+        mean, std = t.mean(0), (t.std(0) if len(rows) > 1 else torch.zeros(len(steps)))
+        ax.errorbar(steps, mean, yerr=std, marker="o", ms=3, capsize=2, label=arm)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("test bound, dense ELBO (bits/dim)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", type=Path, help="the study file (YAML)")
+    parser.add_argument("--arms", nargs="*", help="only these arms (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds (default: the study's)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--workdir", type=Path, default=None, help="checkpoints and logs (default: runs/study/<name>)")
+    parser.add_argument("--report-only", action="store_true", help="print the table and plot from the saved JSON")
+    args = parser.parse_args()
+    study = yaml.safe_load(args.study.read_text())
+    name = args.study.stem
+    out_json = ROOT / "benchmarks" / "results" / f"{name}.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    workdir = args.workdir or ROOT / "runs" / "study" / name
+
+    lock = threading.Lock()
+
+    def save() -> None:
+        with lock:
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(results, indent=1))
+
+    if not args.report_only:
+        torch.set_num_threads(1)
+        arms = args.arms or list(study["arms"])
+        seeds = args.seeds if args.seeds is not None else study["seeds"]
+        jobs = [(arm, seed) for seed in seeds for arm in arms]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for future in [pool.submit(run_arm_seed, study, a, s, workdir, results, save) for a, s in jobs]:
+                future.result()
+    print(table(study, results))
+    plot(study, results, ROOT / "docs" / "figures" / f"{name}.png", study.get("title", name))
+
+
+if __name__ == "__main__":
+    main()
