@@ -12,6 +12,7 @@ Contract shared by every data module of :mod:`mulan.lightning.data`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
@@ -50,9 +51,21 @@ class EpochSeededRandomSampler(RandomSampler):
         self.generator.manual_seed((self.seed + 7919 * (epoch + 1)) % 2**63)
 
 
-def download_failed(message: str, error: Exception) -> FileNotFoundError:
-    """The error for a failed download: what to do (``message``) and what went wrong."""
-    return FileNotFoundError(f"{message}\nThe download attempt failed: {type(error).__name__}: {error}")
+def ensure_files(
+    present: Callable[[], bool], download: bool, fetch: Callable[[], object], missing: Callable[[], str]
+) -> None:
+    """Make sure a data set's files are on disk: ``present()`` says whether they are, ``fetch()`` downloads them
+    (only when ``download`` is set), ``missing()`` is the message that says which files go where."""
+    if present():
+        return
+    if not download:
+        raise FileNotFoundError(missing())
+    try:
+        fetch()
+    except Exception as error:  # offline, blocked, disk full: explain what to do
+        raise FileNotFoundError(f"{missing()}\nThe download attempt failed: {type(error).__name__}: {error}") from error
+    if not present():
+        raise FileNotFoundError(missing())
 
 
 def _distributed() -> tuple[int, int]:

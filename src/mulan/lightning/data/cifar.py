@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import Tensor
 
 from mulan.data import nhwc_to_nchw
-from mulan.lightning.data.base import ImageDataModule, Split, download_failed
+from mulan.lightning.data.base import ImageDataModule, Split, ensure_files
 
 CIFAR10_FILES = (
     "data_batch_1",
@@ -64,18 +64,12 @@ class CIFAR10DataModule(ImageDataModule):
         self._ensure_files()
 
     def _ensure_files(self) -> None:
-        if self._files_present():
-            return
-        if not self.download:
-            raise FileNotFoundError(self._missing_message())
         from torchvision import datasets
 
-        try:
-            datasets.CIFAR10(str(self.root), train=True, download=True)
-        except Exception as error:  # offline, blocked, disk full: explain what to do
-            raise download_failed(self._missing_message(), error) from error
-        if not self._files_present():
-            raise FileNotFoundError(self._missing_message())
+        def fetch() -> object:
+            return datasets.CIFAR10(str(self.root), train=True, download=True)
+
+        ensure_files(self._files_present, self.download, fetch, self._missing_message)
 
     def _load_split(self, split: Split) -> Tensor:
         return self._read(train=split == "train")

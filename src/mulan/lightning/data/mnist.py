@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mulan.lightning.data.base import ImageDataModule, Split, download_failed
+from mulan.lightning.data.base import ImageDataModule, Split, ensure_files
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -75,18 +75,12 @@ class MNISTDataModule(ImageDataModule):
         self._ensure_files()
 
     def _ensure_files(self) -> None:
-        if self._unpack_gz():
-            return
-        if not self.download:
-            raise FileNotFoundError(self._missing_message())
         from torchvision import datasets
 
-        try:
-            datasets.MNIST(str(self.root), train=True, download=True)
-        except Exception as error:  # offline, blocked, disk full: explain what to do
-            raise download_failed(self._missing_message(), error) from error
-        if not self._unpack_gz():
-            raise FileNotFoundError(self._missing_message())
+        def fetch() -> object:
+            return datasets.MNIST(str(self.root), train=True, download=True)
+
+        ensure_files(self._unpack_gz, self.download, fetch, self._missing_message)
 
     def _load_split(self, split: Split) -> Tensor:
         from torchvision import datasets
