@@ -75,6 +75,18 @@ def test_fit_then_test_from_checkpoint_alone(config: str, schedule: type, latent
     assert results["latent"][0] == pytest.approx(expected_latent, abs=1e-6)  # log C(10, 3) nats over 64 dims
 
 
+def test_velocity_model_round_trips_through_fit_and_test(tmp_path: Path) -> None:
+    from mulan.parameterisation import Velocity
+
+    ckpt = fit("mulan_tiny.yaml", tmp_path, "--model.init_args.parameterisation=mulan.parameterisation.Velocity")
+    args = ["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    cli = build_cli([*args, "--trainer.default_root_dir", str(tmp_path)])
+    assert isinstance(cli.model.model.parameterisation, Velocity)  # rebuilt from the checkpoint alone
+    assert all(torch.isfinite(torch.tensor(m)) for m, _ in cli.model.test_results.values())
+    with pytest.raises(SystemExit):  # evaluating it as an eps-model would change the bound: refused
+        build_cli([*args, "--model.init_args.parameterisation=mulan.parameterisation.Epsilon"])
+
+
 def test_test_without_checkpoint_refuses(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["test", "--config", str(CONF / "vdm_tiny.yaml")])

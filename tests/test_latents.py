@@ -4,6 +4,7 @@ the Gaussian latent, and gradients into the schedule and encoder of a full MuLAN
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -217,3 +218,14 @@ def test_gradients_reach_schedule_and_encoder_in_full_mulan_model():
     ]:
         assert p.grad is not None, name
         assert p.grad.abs().max() > 0, name
+
+
+def test_latent_cost_warning_names_m_k_d_and_the_cost_for_small_images() -> None:
+    with pytest.warns(UserWarning, match=r"m=50.*0\.641 bits/dim.*D=64-dimensional"):
+        KHotLatent((1, 8, 8), m=50, k=15, channels=8, num_blocks=1)
+
+
+def test_no_latent_cost_warning_for_3x32x32() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KHotLatent((3, 32, 32), m=50, k=15, channels=8, num_blocks=1)  # 0.013 bits/dim

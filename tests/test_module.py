@@ -177,6 +177,9 @@ def test_paper_configs_carry_the_paper_hyperparameters(config: str) -> None:
         assert (schedule["init_args"]["gamma_min"], schedule["init_args"]["gamma_max"]) == (-13.3, 5.0)
         latent = model["latent"]["init_args"]
         assert (latent["m"], latent["k"]) == (50, 15)
+        # the reference trained its CIFAR-10 model on the velocity and its ImageNet-32 model on the noise
+        velocity = "mulan.parameterisation.Velocity"
+        assert model["parameterisation"] == (velocity if "cifar" in config else "mulan.parameterisation.Epsilon")
     else:
         assert schedule["class_path"] == "mulan.schedules.LearnedScalar"
         assert model["latent"]["class_path"] == "mulan.latents.NoLatent"

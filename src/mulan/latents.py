@@ -8,6 +8,7 @@ bound; ``kl_surrogate`` is what the MuLAN reference code charges, kept to compar
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +74,29 @@ def log_binomial(m: int, k: int) -> float:
     return math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1)
 
 
+LATENT_COST_WARNING_BPD = 0.05
+"""A k-hot latent whose honest cost exceeds this many bits/dim (about 1.5% of a natural-image bound of 3-4
+bits/dim) is reported at start-up."""
+
+
+def latent_cost_bpd(m: int, k: int, num_dims: int) -> float:
+    """The honest cost ``log C(m, k) / (D ln 2)`` of a k-hot latent, in bits/dim of ``D``-dimensional data."""
+    return log_binomial(m, k) / (num_dims * math.log(2))
+
+
+def warn_if_costly(m: int, k: int, num_dims: int) -> None:
+    """Warn when the latent's cost is a noticeable part of the bound (:data:`LATENT_COST_WARNING_BPD`)."""
+    cost = latent_cost_bpd(m, k, num_dims)
+    if cost > LATENT_COST_WARNING_BPD:
+        warnings.warn(
+            f"KHotLatent: a {k}-hot latent of m={m} costs log C({m}, {k}) = {log_binomial(m, k):.2f} nats per image, "
+            f"{cost:.3f} bits/dim on these D={num_dims}-dimensional images, which every bound this model reports "
+            f"includes. Choose a smaller latent for small images (cost below {LATENT_COST_WARNING_BPD} bits/dim), "
+            "e.g. m=16, k=4 for 3x16x16.",
+            stacklevel=3,
+        )
+
+
 class KHotLatent(Latent):
     """``z`` in ``{0, 1}^m`` with exactly ``k`` ones; prior uniform over all k-hot vectors.
 
@@ -105,9 +129,10 @@ class KHotLatent(Latent):
     ) -> None:
         super().__init__()
         if not 0 < k < m:
-            raise ValueError(f"need 0 < k < m for a k-hot latent, got m={m}, k={k}.")
+            raise ValueError(f"KHotLatent: need 0 < k < m for a k-hot latent, got m={m}, k={k}.")
         if noise not in ("sum_of_gamma", "gumbel"):
-            raise ValueError(f"noise must be 'sum_of_gamma' or 'gumbel', got {noise!r}.")
+            raise ValueError(f"KHotLatent: noise must be 'sum_of_gamma' or 'gumbel', got {noise!r}.")
+        warn_if_costly(m, k, math.prod(image_shape))
         self.dim, self.k, self.noise, self.tau, self.s = m, k, noise, tau, s
         self.deterministic_eval = deterministic_eval
         self.encoder = ImageEncoder(image_shape, m, channels, num_blocks)
