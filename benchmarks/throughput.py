@@ -3,6 +3,8 @@
     python benchmarks/throughput.py                      # everything (small + paper architecture), CPU or GPU
     python benchmarks/throughput.py --only small --no-compile --steps 3 --warmup 1
     python benchmarks/throughput.py --ablation           # the before/after table of docs/benchmarks.md
+    python benchmarks/throughput.py --compare REV        # training steps of this tree vs git revision REV
+    python benchmarks/throughput.py --head               # the schedule head's share of MuLAN's training step
 
 Every configuration runs in its own child process (clean peak memory, a hard time cap for torch.compile).
 Training step = forward + backward + AdamW step through :class:`mulan.model.DiffusionModel` on random uint8
@@ -136,7 +138,9 @@ def install_legacy(parts: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def build(kind: str, arch: str, channels_last: bool, device):
+def build(kind: str, arch: str, channels_last: bool, device, hidden: int | None = None):
+    """VDM (learned scalar schedule) or MuLAN (15-hot-of-50 latent, polynomial head of width ``hidden``, None: D)
+    with the architecture's U-Net. Positional arguments only, so that older revisions build the same model."""
     from mulan.latents import KHotLatent
     from mulan.model import DiffusionModel
     from mulan.networks import UNet
@@ -147,7 +151,7 @@ def build(kind: str, arch: str, channels_last: bool, device):
         latent, schedule = None, LearnedScalar(IMAGE_SHAPE, 0)
     else:
         latent = KHotLatent(IMAGE_SHAPE, m=50, k=15)
-        schedule = Polynomial(IMAGE_SHAPE, latent.dim)
+        schedule = Polynomial(IMAGE_SHAPE, latent.dim, hidden=hidden)
     denoiser = UNet(
         IMAGE_SHAPE,
         latent.dim if latent else 0,
@@ -181,7 +185,7 @@ def run_train(spec: dict) -> dict:
     device = torch.device(spec["device"])
     install_legacy(spec.get("legacy", []))
     torch.manual_seed(0)
-    model = build(spec["kind"], spec["arch"], spec["channels_last"], device).train()
+    model = build(spec["kind"], spec["arch"], spec["channels_last"], device, spec.get("hidden")).train()
     fused = False if "adamw" in spec.get("legacy", []) else None  # legacy: torch's default (for-loop on CPU)
     optimizer = AdamW(model.parameters(), fused=fused)
     batch = spec["batch"]
@@ -269,24 +273,93 @@ def run_eval(spec: dict) -> dict:
     return out
 
 
+def run_head(spec: dict) -> dict:
+    """The schedule head's share of a MuLAN training step: the time of the head alone (coefficients and
+    ``gamma``, ``dgamma/dt`` of the batch forward, their backward, and the AdamW update of the head's parameters),
+    over the time of the whole training step, each the median of the timed repetitions."""
+    import torch
+
+    from mulan.lightning.optim import AdamW
+    from mulan.processes import Context
+
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    model = build("mulan", spec["arch"], False, device, spec.get("hidden")).train()
+    head = model.process
+    batch = spec["batch"]
+    images = torch.randint(0, 256, (batch, *IMAGE_SHAPE), dtype=torch.uint8, device=device)
+    z = model.latent.sample_prior(batch, device).requires_grad_(True)  # what the encoder hands the head
+    t = torch.rand(batch, device=device)
+    model_opt, head_opt = AdamW(model.parameters()), AdamW(head.parameters())
+
+    def full_step() -> None:
+        loss = model.bpd(model(images).total).mean()
+        loss.backward()
+        model_opt.step()
+        model_opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    def head_step() -> None:
+        gamma, dgamma = head(t, Context(z=z))
+        (gamma.sum() + dgamma.sum()).backward()  # the same graph and backward work, whatever the upstream gradient
+        head_opt.step()
+        head_opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    def median_seconds(fn) -> float:
+        for _ in range(spec["warmup"]):
+            fn()
+        times = []
+        for _ in range(spec["steps"]):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    step_s, head_s = median_seconds(full_step), median_seconds(head_step)
+    return {
+        "head_params_m": sum(p.numel() for p in head.parameters()) / 1e6,
+        "step_s": step_s,
+        "head_s": head_s,
+        "head_share": head_s / step_s,
+        "img_s_best": batch / step_s,
+    }
+
+
 def child(spec: dict) -> None:
     import torch
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    result = run_train(spec) if spec["what"] == "train" else run_eval(spec)
+    runs = {"train": run_train, "head": run_head}
+    result = runs[spec["what"]](spec) if spec["what"] in runs else run_eval(spec)
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def checkout(revision: str) -> Path:
+    """The ``src/`` of git revision ``revision``, checked out once under ``runs/revisions/`` (a git worktree)."""
+    sha = subprocess.run(["git", "rev-parse", revision], cwd=ROOT, capture_output=True, text=True, check=True)
+    folder = ROOT / "runs" / "revisions" / sha.stdout.strip()[:12]
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(folder), revision], cwd=ROOT, check=True)
+    return folder / "src"
+
+
 def launch(spec: dict, cap: float) -> dict:
-    """Run one configuration in a child process with a wall-clock cap."""
+    """Run one configuration in a child process with a wall-clock cap (on the code of ``spec["revision"]`` when
+    given: that revision's ``src/`` comes first on the child's import path)."""
     start = time.perf_counter()
+    env = dict(os.environ)
+    if spec.get("revision"):
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout(spec["revision"])), env.get("PYTHONPATH", "")])
     try:
         proc = subprocess.run(
             [sys.executable, __file__, "--_child", json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=cap,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"time cap of {cap:.0f} s reached"}
@@ -340,6 +413,90 @@ def plan(args) -> list[dict]:
                     )
                 )
     return specs
+
+
+def compare_plan(args) -> list[dict]:
+    """Training steps of VDM and MuLAN (small architecture, float32 and bf16) on this tree and on
+    ``args.compare``, interleaved (this tree, the revision, this tree, ...) so both see the same machine load."""
+    specs = []
+    for _ in range(args.rounds):
+        for kind in ("vdm", "mulan"):
+            for precision in ("fp32", "bf16"):
+                for revision in ("", args.compare):
+                    specs.append(
+                        dict(
+                            device=args.device,
+                            threads=args.threads,
+                            what="train",
+                            kind=kind,
+                            arch="small",
+                            precision=precision,
+                            channels_last=False,
+                            compile=False,
+                            batch=args.batch or ARCHS["small"]["batch"],
+                            steps=args.steps,
+                            warmup=args.warmup,
+                            revision=revision,
+                        )
+                    )
+    return specs
+
+
+def compare_table(results: list[dict], revision: str) -> str:
+    """Best img/s over the rounds, per model and precision: this tree, the revision, and their ratio."""
+    rows = [
+        f"| model | precision | img/s, this tree | img/s, {revision} | ratio (this / {revision}) |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in ("vdm", "mulan"):
+        for precision in ("fp32", "bf16"):
+
+            def best(rev: str, kind=kind, precision=precision) -> float:
+                hits = [
+                    r.get("img_s_best", 0.0)
+                    for r in results
+                    if (r["kind"], r["precision"], r["revision"]) == (kind, precision, rev)
+                ]
+                return max(hits, default=float("nan"))
+
+            new, old = best(""), best(revision)
+            rows.append(f"| {kind} | {precision} | {fmt(new, 2)} | {fmt(old, 2)} | {fmt(new / old, 3)} |")
+    return "\n".join(rows)
+
+
+def head_plan(args) -> list[dict]:
+    """The head's share of MuLAN's step: the reference head (width D) and the light head (width 64)."""
+    return [
+        dict(
+            device=args.device,
+            threads=args.threads,
+            what="head",
+            kind="mulan",
+            arch="small",
+            hidden=hidden,
+            precision="fp32",
+            channels_last=False,
+            compile=False,
+            batch=args.batch or ARCHS["small"]["batch"],
+            steps=args.steps,
+            warmup=args.warmup,
+        )
+        for _ in range(args.rounds)
+        for hidden in (None, 64)
+    ]
+
+
+def head_table(results: list[dict]) -> str:
+    rows = ["| head | parameters (M) | head s | step s | head share of the step |", "|---|---|---|---|---|"]
+    for hidden, name in ((None, "reference (width D = 3072)"), (64, "light (width 64)")):
+        hits = [r for r in results if r.get("hidden") == hidden and "head_share" in r]
+        if hits:
+            r = min(hits, key=lambda r: r["head_share"])
+            rows.append(
+                f"| {name} | {fmt(r['head_params_m'], 2)} | {fmt(r['head_s'], 4)} | {fmt(r['step_s'], 3)} | "
+                f"{100 * r['head_share']:.2f}% |"
+            )
+    return "\n".join(rows)
 
 
 def ablation_plan(args) -> list[dict]:
@@ -456,6 +613,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the children")
     parser.add_argument("--repeats", type=int, default=1, help="run the plan this many times, keep each config's best")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write JSON or docs")
+    parser.add_argument("--compare", metavar="REV", help="training steps of this tree against git revision REV")
+    parser.add_argument("--head", action="store_true", help="the schedule head's share of MuLAN's training step")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare/--head: interleaved rounds")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -463,6 +623,8 @@ def main() -> None:
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.compare or args.head:
+        return paired(args)
     specs = ablation_plan(args) if args.ablation else plan(args)
     best: dict[int, dict] = {}
     for _ in range(args.repeats):
@@ -496,6 +658,31 @@ def main() -> None:
         merged.update({ident(r): r for r in results})
         results = list(merged.values())
         md = table(results, args.ablation)
+    saved[key] = {"machine": info, "args": vars(args), "results": results}
+    RESULTS.write_text(json.dumps(saved, indent=1))
+    write_docs(header + "\n\n" + md, key)
+
+
+def paired(args) -> None:
+    """``--compare`` / ``--head``: interleaved runs, a table of ratios measured in this one run."""
+    specs = compare_plan(args) if args.compare else head_plan(args)
+    results = []
+    for spec in specs:
+        r = launch(spec, args.cap)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("step_times_s",)}), flush=True)
+        results.append(r)
+    info = machine()
+    md = compare_table(results, args.compare) if args.compare else head_table(results)
+    key = "compare" if args.compare else "head"
+    header = (
+        f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+        f"{info.get('gpu', 'no GPU')}, torch {info['torch']}, {time.strftime('%Y-%m-%d')}; "
+        f"{args.rounds} interleaved rounds, best of each."
+    )
+    print(header + "\n\n" + md)
+    if args.no_write:
+        return
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     saved[key] = {"machine": info, "args": vars(args), "results": results}
     RESULTS.write_text(json.dumps(saved, indent=1))
     write_docs(header + "\n\n" + md, key)
