@@ -138,18 +138,18 @@ def test_check_images_validates_dtype_and_shape() -> None:
 
 
 def test_drop_last_only_with_a_full_batch() -> None:
-    dm = SyntheticDataModule(image_shape=(1, 4, 4), num_train=10, num_eval=5, batch_size=4)
+    dm = SyntheticDataModule(shape=(1, 4, 4), num_train=10, num_eval=5, batch_size=4)
     dm.setup()
     assert [b.shape[0] for b in dm.train_dataloader()] == [4, 4]
     assert [b.shape[0] for b in dm.val_dataloader()] == [4, 1]
 
-    tiny = SyntheticDataModule(image_shape=(1, 4, 4), num_train=10, num_eval=5, batch_size=16)
+    tiny = SyntheticDataModule(shape=(1, 4, 4), num_train=10, num_eval=5, batch_size=16)
     tiny.setup()
     assert [b.shape[0] for b in tiny.train_dataloader()] == [10]
 
 
 def test_train_shuffles_eval_does_not() -> None:
-    dm = SyntheticDataModule(image_shape=(1, 2, 2), num_train=64, num_eval=64, batch_size=64)
+    dm = SyntheticDataModule(shape=(1, 2, 2), num_train=64, num_eval=64, batch_size=64)
     dm.setup()
     torch.manual_seed(0)
     assert not torch.equal(next(iter(dm.train_dataloader())), dm.datasets["train"].images)
@@ -163,7 +163,7 @@ def test_hparams_and_image_shape_without_disk(tmp_path: Path) -> None:
     assert dm.hparams["batch_size"] == 7 and dm.hparams["root"] == str(tmp_path / "nowhere")
     assert dm.eval_batch_size == 7
     assert MNISTDataModule(pad_to_32=True).image_shape == (1, 32, 32)
-    assert SyntheticDataModule(image_shape=(2, 5, 6)).hparams["image_shape"] == (2, 5, 6)
+    assert SyntheticDataModule(shape=(2, 5, 6)).hparams["shape"] == (2, 5, 6)
 
 
 # --------------------------------------------------------------------------- missing files

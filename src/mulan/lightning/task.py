@@ -54,9 +54,10 @@ class DiffusionTask(L.LightningModule):
         lr_scheduler: called with the optimiser, stepped every optimiser step (default: 100-step warm-up).
         process_lr: learning rate of the process and latent-encoder parameters (default: the optimiser's).
         process_weight_decay: their weight decay (default: the optimiser's; biases are never decayed).
-        seed_every_step: seed the random draws of training step ``n`` on rank ``r`` from ``(seed, n, r)``, where
-            ``seed`` is the run's seed: every DDP rank draws its own times, noise, latents and dropout, and a run
-            resumed from a checkpoint draws exactly what the uninterrupted run would.
+        seed_every_step: seed the random draws of micro-batch ``a`` of optimiser step ``n`` on rank ``r`` from
+            ``(seed, n, a, r)``, where ``seed`` is the run's seed (saved in the checkpoint): every DDP rank and every
+            accumulated micro-batch draws its own times, noise, latents and dropout, and a run resumed from any
+            checkpoint draws exactly what the uninterrupted run would.
         sample_steps: ancestral sampling steps of ``predict``.
         channels_last: convolution weights (hence activations) in channels-last memory format.
     """
@@ -79,8 +80,8 @@ class DiffusionTask(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))  # saved as a tuple, like data's
         self.save_hyperparameters()
-        image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
         latent_module = latent(image_shape)
         process_module = process(image_shape, latent_module.dim)
         self.model = DiffusionModel(
@@ -120,9 +121,12 @@ class DiffusionTask(L.LightningModule):
         return bpd
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed this micro-batch's draws from (run seed, optimiser step, micro-batch within the step, rank)."""
         if self.seed_every_step:
             world, rank = self.trainer.world_size, self.trainer.global_rank
-            torch.manual_seed((self._base_seed + 1 + self.global_step * world + rank) % 2**63)
+            accumulate = self.trainer.accumulate_grad_batches
+            draw = (self.global_step * accumulate + batch_idx % accumulate) * world + rank
+            torch.manual_seed((self._base_seed + 1 + draw) % 2**63)
 
     def training_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
         bound = self.bound(batch)

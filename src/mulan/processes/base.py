@@ -86,8 +86,9 @@ class ForwardProcess(nn.Module):
         self.image_shape: ImageShape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
 
     @property
-    def state_shape(self) -> tuple[int, ...]:
-        """Shape of one state ``x_t`` (the denoiser's input and output); the image shape unless overridden."""
+    def state_shape(self) -> ImageShape:
+        """Shape ``(C', H, W)`` of one state ``x_t`` (the denoiser's input and output); the image shape unless
+        overridden (processes with auxiliary variables have more channels)."""
         return self.image_shape
 
     def marginal(self, t: Tensor, ctx: Context) -> Marginal:

@@ -12,15 +12,16 @@ Contract shared by every data module of :mod:`mulan.lightning.data`:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mulan.data import UInt8Images, check_images
 
@@ -34,21 +35,56 @@ STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
 }
 
 
-class EpochSeededRandomSampler(RandomSampler):
-    """A shuffling sampler whose order in epoch ``e`` depends only on ``(seed, e)``.
+class ResumableSampler(DistributedSampler):
+    """The training order: a shuffle fixed by ``(seed, epoch)``, this rank's share of it, and a one-off skip.
 
-    Lightning calls ``set_epoch`` before every epoch (resumed or not), so a resumed run sees the order the
-    uninterrupted run would have (under DDP Lightning's ``DistributedSampler``, seeded the same way, replaces it).
+    A ``DistributedSampler`` (so Lightning keeps it under DDP instead of wrapping it), for one process as well:
+    Lightning calls ``set_epoch`` before every epoch, resumed or not, so epoch ``e`` sees the same order in an
+    uninterrupted and a resumed run; :meth:`skip_next` drops the first indices of the next pass, which
+    :class:`ResumableLoader` uses to continue an epoch in the middle.
     """
 
-    def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source, generator=torch.Generator())  # type: ignore[arg-type]
-        self.seed = seed
-        self.set_epoch(0)
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        world, rank = _distributed()
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self._skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        assert self.generator is not None
-        self.generator.manual_seed((self.seed + 7919 * (epoch + 1)) % 2**63)
+    def skip_next(self, count: int) -> None:
+        """Leave out the first ``count`` indices of the next pass (only that pass)."""
+        self._skip = count
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+class ResumableLoader(DataLoader):
+    """A training loader Lightning can checkpoint and resume in the middle of an epoch.
+
+    Its state is the shuffling seed, the epoch and the number of batches the training loop has *consumed* in it
+    (counted by the data module's ``on_before_batch_transfer``, so the batches Lightning prefetched but did not use
+    are not lost); loading it makes the next pass skip those batches. The order itself comes from :class:`ResumableSampler`.
+    """
+
+    consumed: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = cast(ResumableSampler, self.sampler)
+        epoch, consumed = int(sampler.epoch), self.consumed
+        if consumed >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
+            epoch, consumed = epoch + 1, 0
+        return {"seed": int(sampler.seed), "epoch": epoch, "consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = cast(ResumableSampler, self.sampler)
+        sampler.seed = state["seed"]  # the interrupted run's order, whatever seed the resumed run was given
+        sampler.set_epoch(state["epoch"])
+        self.consumed = state["consumed"]
+        sampler.skip_next(state["consumed"] * int(self.batch_size or 1))
+
+    def __iter__(self):
+        self.consumed = cast(ResumableSampler, self.sampler)._skip // int(self.batch_size or 1)
+        return super().__iter__()
 
 
 def ensure_files(
@@ -80,9 +116,10 @@ class ImageDataModule(L.LightningDataModule):
 
     Subclasses implement ``image_shape`` (C, H, W) and ``_load_split(split)`` returning a uint8 tensor
     (N, C, H, W) for ``split`` in "train"/"val"/"test" (or override ``_build`` to return any data set, e.g. of
-    ``(image, y)`` pairs). The train loader shuffles in an order fixed by ``(shuffle_seed, epoch)`` and drops the
-    last incomplete batch when at least one full batch exists; the evaluation loaders keep the order and, under
-    DDP, give each rank a disjoint share with no image repeated (Lightning's ``UnrepeatedDistributedSampler``).
+    ``(image, y)`` pairs). The train loader shuffles in an order fixed by ``(shuffle_seed, epoch)``, drops the last
+    incomplete batch when at least one full batch exists, and resumes in the middle of an epoch; the evaluation
+    loaders keep the order and, under DDP, give each rank a disjoint share with no image repeated (Lightning's
+    ``UnrepeatedDistributedSampler``).
 
     Args:
         batch_size: training batch size per process.
@@ -144,8 +181,8 @@ class ImageDataModule(L.LightningDataModule):
             self.datasets[split] = self._build(split)
         return self.datasets[split]
 
-    def _loader(self, dataset: Dataset, batch_size: int, drop_last: bool, sampler) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, batch_size: int, drop_last: bool, sampler, kind=DataLoader) -> DataLoader:
+        return kind(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -156,10 +193,19 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled uint8 batches (batch_size, C, H, W) of the train split."""
+        """Shuffled uint8 batches (batch_size, C, H, W) of the train split, resumable mid-epoch."""
         dataset = self._dataset("train")
-        full_batch = len(dataset) >= self.batch_size  # type: ignore[arg-type]
-        return self._loader(dataset, self.batch_size, full_batch, EpochSeededRandomSampler(dataset, self.shuffle_seed))
+        full_batch = len(dataset) >= self.batch_size * _distributed()[0]  # type: ignore[arg-type]
+        sampler = ResumableSampler(dataset, self.shuffle_seed)
+        self._train_loader = self._loader(dataset, self.batch_size, full_batch, sampler, ResumableLoader)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches the loop consumes (the state of :class:`ResumableLoader`)."""
+        loader = getattr(self, "_train_loader", None)
+        if loader is not None and self.trainer is not None and self.trainer.training:
+            loader.consumed += 1
+        return batch
 
     def _eval_loader(self, split: Split) -> DataLoader:
         dataset = self._dataset(split)

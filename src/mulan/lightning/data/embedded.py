@@ -85,7 +85,7 @@ class EmbeddedDataModule(ImageDataModule):
 
 
 class SyntheticDataModule(ImageDataModule):
-    """Uniform random uint8 images of ``image_shape`` (C, H, W), for tests and benchmarks.
+    """Uniform random uint8 images of ``shape`` (C, H, W), for tests and benchmarks.
 
     ``num_train`` train images; ``num_eval`` val and ``num_eval`` (different) test
     images; everything is fixed by ``seed``.
@@ -93,7 +93,7 @@ class SyntheticDataModule(ImageDataModule):
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int] = (3, 8, 8),
+        shape: tuple[int, int, int] = (3, 8, 8),
         num_train: int = 256,
         num_eval: int = 64,
         seed: int = 0,
@@ -103,15 +103,15 @@ class SyntheticDataModule(ImageDataModule):
         shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
-        if len(image_shape) != 3 or min(image_shape) < 1:
-            raise ValueError(f"SyntheticDataModule: image_shape must be 3 positive ints (C, H, W), got {image_shape}.")
-        self.save_hyperparameters()
-        self._image_shape = tuple(int(s) for s in image_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"SyntheticDataModule: shape must be 3 positive ints (C, H, W), got {shape}.")
+        self.save_hyperparameters()  # (named `shape`, not `image_shape`: that hyper-parameter is the model's)
+        self._image_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
         self.num_train, self.num_eval, self.seed = num_train, num_eval, seed
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self._image_shape  # type: ignore[return-value]
+        return self._image_shape
 
     def _load_split(self, split: Split) -> Tensor:
         n = self.num_train if split == "train" else self.num_eval
