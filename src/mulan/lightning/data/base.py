@@ -63,7 +63,7 @@ class ResumableLoader(DataLoader):
 
     Its state is the shuffling seed, the epoch and the number of batches the training loop has *consumed* in it
     (counted by the data module's ``on_before_batch_transfer``, so the batches Lightning prefetched but did not use
-    are not lost); loading it makes the next pass skip those batches. The order itself comes from :class:`ResumableSampler`.
+    are not lost); loading it makes the next pass skip those batches. The order comes from :class:`ResumableSampler`.
     """
 
     consumed: int = 0
