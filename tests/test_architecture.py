@@ -150,3 +150,12 @@ def test_abbreviated_options_are_refused(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONF / "vdm_tiny.yaml"), "--trainer.max_step", "2"])
     assert "--trainer.max_step" in capsys.readouterr().err
+
+
+def test_a_denoiser_built_for_another_shape_is_refused() -> None:
+    from mulan.networks import UNet
+
+    with pytest.raises(ValueError, match=r"denoiser was built for inputs of shape \(2, 4, 4\).*\(2, 3, 3\)"):
+        DiffusionModel(SHAPE, LearnedScalar(SHAPE, 0), UNet((2, 4, 4), 0, channels=8, num_blocks=1))
+    with pytest.raises(ValueError, match="empty batch"):
+        DiffusionModel(SHAPE, LearnedScalar(SHAPE, 0), Matched(Epsilon()))(torch.zeros(0, *SHAPE, dtype=torch.uint8))

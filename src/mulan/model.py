@@ -105,6 +105,12 @@ class DiffusionModel(nn.Module):
                 f"the process was built for images of shape {tuple(process.image_shape)}, the model for "
                 f"{self.image_shape}: build both with the data's (C, H, W)."
             )
+        built_for = getattr(denoiser, "image_shape", None)
+        if built_for is not None and tuple(built_for) != tuple(process.state_shape):
+            raise ValueError(
+                f"the denoiser was built for inputs of shape {tuple(built_for)}, but this process's states have shape "
+                f"{tuple(process.state_shape)}: build the denoiser with the process's state_shape."
+            )
         self.num_dims = math.prod(self.image_shape)
         self.process, self.denoiser = process, denoiser
         self.latent = latent if latent is not None else NoLatent(self.image_shape)
