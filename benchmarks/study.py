@@ -9,6 +9,7 @@ A study file (YAML) names the arms, each a config of ``configs/`` plus command-l
     arms:
       vdm: {config: configs/demo_vdm.yaml}
       mulan: {config: configs/demo.yaml, overrides: ["--model.init_args.parameterisation=mulan.Velocity"]}
+    reuse: {study: colour, arms: [vdm, mulan]}   # optional: arms already run by another study (same budget)
 
 Every run trains through the real CLI (``mulan-cli fit``) in its own process (``--jobs`` at a time, one thread
 each); every checkpoint is then evaluated on the test split with the dense ELBO (every term, bits/dim), and at
@@ -165,6 +166,26 @@ def run_arm_seed(study: dict, arm: str, seed: int, workdir: Path, results: dict,
     print(f"done: {arm} seed {seed}", flush=True)
 
 
+def reuse(study: dict, results: dict) -> set[str]:
+    """Copy the arms named in ``study["reuse"]`` from the other study's results (same budget required); returns
+    their names. They are reported like the study's own arms and never retrained."""
+    spec = study.get("reuse")
+    if not spec:
+        return set()
+    other_file = ROOT / "benchmarks" / "studies" / f"{spec['study']}.yaml"
+    other = yaml.safe_load(other_file.read_text())
+    for key in ("steps", "every", "times"):
+        if other.get(key) != study.get(key):
+            raise ValueError(
+                f"cannot reuse arms of {other_file}: its {key} is {other.get(key)}, this study's {study.get(key)}"
+            )
+    saved = json.loads((ROOT / "benchmarks" / "results" / f"{spec['study']}.json").read_text())
+    for arm in spec["arms"]:
+        study["arms"].setdefault(arm, other["arms"][arm])
+        results[arm] = saved[arm]
+    return set(spec["arms"])
+
+
 def table(study: dict, results: dict) -> str:
     """Markdown: test bpd (mean +- std over seeds) per arm at each evaluated step, then every term at the end."""
     steps = list(range(study["every"], study["steps"] + 1, study["every"]))
@@ -237,6 +258,7 @@ def main() -> None:
     out_json = ROOT / "benchmarks" / "results" / f"{name}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     workdir = args.workdir or ROOT / "runs" / "study" / name
+    reused = reuse(study, results)
 
     lock = threading.Lock()
 
@@ -247,7 +269,7 @@ def main() -> None:
 
     if not args.report_only:
         torch.set_num_threads(1)
-        arms = args.arms or list(study["arms"])
+        arms = [a for a in (args.arms or list(study["arms"])) if a not in reused]
         seeds = args.seeds if args.seeds is not None else study["seeds"]
         jobs = [(arm, seed) for seed in seeds for arm in arms]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
