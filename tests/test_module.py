@@ -200,3 +200,19 @@ def test_mulan_paper_config_builds_and_runs_one_image() -> None:
         terms = module.model(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))
     assert torch.isfinite(terms.total).all()
     assert terms.latent.item() == pytest.approx(math.log(math.comb(50, 15)), rel=1e-6)
+
+
+
+def test_deep_copies_share_the_optimiser_factories() -> None:
+    """EMAWeightAveraging deep-copies the module. The optimiser factories LightningCLI builds reference the CLI, its
+    Trainer and, under DDP, a thread lock that cannot be copied: copies of the module share them instead."""
+    import copy
+
+    from mulan.cli import build_cli
+
+    module = build_cli(["--config", str(Path(__file__).parent / "conf" / "vdm_tiny.yaml")], run=False).model
+    twin = copy.deepcopy(module)
+    assert twin.optimizer_factory is module.optimizer_factory
+    assert twin.lr_scheduler_factory is module.lr_scheduler_factory
+    assert twin.model is not module.model  # the model itself is copied
+    assert isinstance(twin.configure_optimizers()["optimizer"], AdamW)

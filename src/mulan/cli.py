@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mulan.export import is_safetensors, load_into_task, read_checkpoint_dict
 from mulan.lightning.callbacks import SampleWriter
 from mulan.lightning.task import DiffusionTask
 
@@ -40,7 +41,8 @@ RENAMED = {
 
 
 def load_checkpoint(path: str, error: Any = None) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with clear errors for missing, unsafe or corrupted files."""
+    """``torch.load(path, weights_only=True)`` with clear errors for missing, unsafe or corrupted files; a
+    safetensors export of :mod:`mulan.export` is read (and verified) as a checkpoint-shaped dict instead."""
 
     def fail(message: str) -> NoReturn:
         if error is not None:
@@ -51,7 +53,15 @@ def load_checkpoint(path: str, error: Any = None) -> dict[str, Any]:
     if file.is_dir():
         fail(f"checkpoint {path!r} is a directory; give the path of a .ckpt file inside it (written by mulan-cli fit).")
     if not file.is_file():
-        fail(f"checkpoint {path!r} does not exist (give the path of a .ckpt file written by `mulan-cli fit`).")
+        fail(
+            f"checkpoint {path!r} does not exist (give the path of a .ckpt file written by `mulan-cli fit`, or of a "
+            ".safetensors file written by `python -m mulan.export`)."
+        )
+    if is_safetensors(file):
+        try:
+            return read_checkpoint_dict(file)
+        except ValueError as exc:
+            fail(str(exc))
     try:
         checkpoint = torch.load(file, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
@@ -219,6 +229,18 @@ class MulanCLI(LightningCLI):
         # Checkpoints are loaded with weights_only=True (no pickled code runs), whatever the command line says.
         if "weights_only" in config:
             config["weights_only"] = True
+
+    # ------------------------------------------------------------------------------------------ safetensors exports
+    def after_instantiate_classes(self) -> None:
+        """``--ckpt_path model.safetensors`` (written by ``python -m mulan.export``): the model and data were built
+        from the file's configuration; its weights are loaded here, and the Trainer gets no checkpoint path (it
+        reads only Lightning checkpoints)."""
+        super().after_instantiate_classes()
+        config = self.config_init.get(self.subcommand) if self.subcommand else None
+        path = config.get("ckpt_path") if config else None
+        if config and path and is_safetensors(path):
+            load_into_task(self.model, path)
+            config["ckpt_path"] = None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -10,6 +10,7 @@ k-hot latent and the polynomial schedule.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -217,3 +218,31 @@ class DiffusionModel(nn.Module):
     def bpd(self, nats: Tensor) -> Tensor:
         """Nats per example to bits per dimension of this model's data."""
         return elbo.nats_to_bpd(nats, self.num_dims)
+
+
+def build_model(
+    image_shape: ImageShape,
+    denoiser: Callable[..., nn.Module],
+    process: Callable[..., ForwardProcess],
+    latent: Callable[..., Latent] = NoLatent,
+    parameterisation: Callable[[], Parameterisation] = Epsilon,
+    time_sampler: Callable[[], TimeSampler] = AntitheticUniform,
+    timesteps: int = 0,
+    channels_last: bool = False,
+) -> DiffusionModel:
+    """A :class:`DiffusionModel` from component factories (a class, or a partial of one with its options), as a
+    config names them: ``latent(image_shape)``, ``process(image_shape, latent_dim)``,
+    ``denoiser(process.state_shape, latent_dim)``, ``parameterisation()``, ``time_sampler()``."""
+    image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
+    latent_module = latent(image_shape)
+    process_module = process(image_shape, latent_module.dim)
+    return DiffusionModel(
+        image_shape,
+        process=process_module,
+        denoiser=denoiser(process_module.state_shape, latent_module.dim),
+        latent=latent_module,
+        parameterisation=parameterisation(),
+        time_sampler=time_sampler(),
+        timesteps=timesteps,
+        channels_last=channels_last,
+    )

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mulan.latents import LatentFactory, NoLatent
 from mulan.lightning.metrics import MeanStdErr
 from mulan.lightning.optim import AdamW, LinearWarmup, parameter_groups
-from mulan.model import Bound, DiffusionModel
+from mulan.model import Bound, build_model
 from mulan.networks import DenoiserFactory, UNet
 from mulan.parameterisation import Epsilon, ParameterisationFactory
 from mulan.processes.base import ImageShape, ProcessFactory
@@ -24,6 +24,19 @@ from mulan.schedules import FixedLinear
 from mulan.time_sampling import AntitheticUniform, TimeSamplerFactory
 
 STAGES = ("train", "val", "test")
+
+
+class SharedCallable:
+    """A callable that deep copies share instead of copying (``copy.deepcopy`` returns it unchanged)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> SharedCallable:
+        return self
 
 
 def split_batch(batch: Tensor | tuple | list) -> tuple[Tensor, Tensor | None]:
@@ -82,19 +95,11 @@ class DiffusionTask(L.LightningModule):
         super().__init__()
         image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))  # saved as a tuple, like data's
         self.save_hyperparameters()
-        latent_module = latent(image_shape)
-        process_module = process(image_shape, latent_module.dim)
-        self.model = DiffusionModel(
-            image_shape,
-            process=process_module,
-            denoiser=denoiser(process_module.state_shape, latent_module.dim),
-            latent=latent_module,
-            parameterisation=parameterisation(),
-            time_sampler=time_sampler(),
-            timesteps=timesteps,
-            channels_last=channels_last,
+        self.model = build_model(
+            image_shape, denoiser, process, latent, parameterisation, time_sampler, timesteps, channels_last
         )
-        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        # EMAWeightAveraging deep-copies the module: the factories (which may reference the CLI) are shared, not copied
+        self.optimizer_factory, self.lr_scheduler_factory = SharedCallable(optimizer), SharedCallable(lr_scheduler)
         self.process_lr, self.process_weight_decay = process_lr, process_weight_decay
         self.seed_every_step, self.sample_steps = seed_every_step, sample_steps
         self._base_seed = torch.initial_seed()

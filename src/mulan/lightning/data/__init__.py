@@ -8,6 +8,7 @@ from mulan.lightning.data.embedded import EmbeddedDataModule, SyntheticDataModul
 from mulan.lightning.data.folder import ImageFolderDataModule
 from mulan.lightning.data.imagenet import ImageNet32DataModule
 from mulan.lightning.data.mnist import MNISTDataModule
+from mulan.lightning.data.superres import SuperResolutionDataModule
 
 __all__ = [
     "ImageDataModule",
@@ -20,6 +21,7 @@ __all__ = [
     "SyntheticDataModule",
     "ImageFolderDataModule",
     "ArrayDataModule",
+    "SuperResolutionDataModule",
     "UInt8Images",
     "check_images",
     "split_indices",

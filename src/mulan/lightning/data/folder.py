@@ -1,0 +1,313 @@
+"""Your own images: a folder of PNG/JPEG files (RGB or grayscale, any size) as uint8 batches.
+
+Two layouts are recognised under ``root``:
+
+* sub-folders ``train/`` and ``val/`` and/or ``test/``: the given split (a missing ``val/`` uses ``test/`` and a
+  missing ``test/`` uses ``val/``, as CIFAR-10's val = test);
+* anything else: every image under ``root`` (searched recursively, so class sub-folders are fine), split into
+  train / val / test by ``seed`` with :func:`mulan.data.split_indices` (the same split on every run and rank).
+
+Every problem that can be seen without training (no images, unreadable files, mixed sizes without
+``image_size``, a colour mode that does not match ``channels``) is raised by ``__init__`` or ``setup`` with the
+file and the option that fixes it named.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from mulan.data import nhwc_to_nchw, split_indices
+from mulan.lightning.data.base import SPLITS, ImageDataModule, Split
+
+GRAY_MODES = frozenset({"1", "L", "LA"})
+"""PIL modes read as one channel (alpha dropped)."""
+COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
+"""PIL modes read as three RGB channels (alpha dropped, palettes expanded)."""
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+"""EXIF orientations that swap width and height (the image is rotated by 90 degrees when read)."""
+
+
+def list_images(folder: Path, extensions: Sequence[str]) -> list[Path]:
+    """Image files under ``folder`` (recursively; hidden files and folders skipped), sorted by relative path."""
+    suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    found = [
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    ]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def mode_channels(mode: str) -> int | None:
+    """1 for grayscale PIL modes, 3 for colour ones, None for modes mulan cannot read as 8-bit (16-bit, float)."""
+    if mode in GRAY_MODES:
+        return 1
+    if mode in COLOUR_MODES:
+        return 3
+    return None
+
+
+def describe_mode(mode: str) -> str:
+    """``"grayscale (PIL mode 'L')"``, ``"colour (PIL mode 'RGB')"``, ..."""
+    kind = {1: "grayscale", 3: "colour"}.get(mode_channels(mode) or 0, "not 8-bit")
+    return f"{kind} (PIL mode {mode!r})"
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` once the EXIF orientation is applied, read from the header alone."""
+    width, height = image.size
+    orientation = image.getexif().get(0x0112, 1)
+    return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def centre_square(image: Image.Image) -> Image.Image:
+    """The largest centred square of ``image``."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """A folder of PNG/JPEG images as uint8 images (C, H, W).
+
+    Args:
+        root: the folder (see the module docstring for the two layouts).
+        channels: 1 (grayscale) or 3 (RGB); ``None``: those of the first image. Images of the other kind are
+            refused unless ``convert`` is set.
+        image_size: ``s``: every image becomes ``s x s`` (see ``crop``); ``None``: the images keep their size,
+            which must then be the same for all.
+        crop: with ``image_size``: ``"centre"`` takes the largest centred square first (keeps the aspect
+            ratio), ``"none"`` resizes the whole image (stretches non-square images).
+        interpolation: the resampling filter of the resize (PIL's; ``"bicubic"``, ``"lanczos"`` and ``"box"``
+            antialias when shrinking).
+        convert: convert images whose colour mode differs from ``channels`` (grayscale -> RGB repeats the
+            channel; RGB -> grayscale takes the luminance) instead of refusing them.
+        val_fraction, test_fraction, seed: the split by seed (ignored when ``root`` has ``train/``).
+        extensions: file suffixes read as images (case-insensitive).
+        batch_size, eval_batch_size, num_workers, shuffle_seed: see :class:`ImageDataModule`.
+
+    Alpha channels are dropped and the EXIF orientation of photos is applied. Every image is decoded into
+    memory at ``setup`` (N x C x H x W bytes per split).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        channels: int | None = None,
+        image_size: int | None = None,
+        crop: Literal["centre", "none"] = "centre",
+        interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "bicubic",
+        convert: bool = False,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        extensions: Sequence[str] = (".png", ".jpg", ".jpeg"),
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_seed: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        self._check_options(channels, image_size, crop, interpolation)
+        split_indices(1, val_fraction, test_fraction, seed)  # validates the fractions early
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.channels, self.image_size, self.crop = channels, image_size, crop
+        self.interpolation, self.convert = interpolation, convert
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.extensions = tuple(extensions)
+        self.files: dict[Split, list[Path]] = self._split_files()
+        self._image_shape = self._first_image_shape()
+        self._headers_checked = False
+
+    @staticmethod
+    def _check_options(channels: int | None, image_size: int | None, crop: str, interpolation: str) -> None:
+        if channels not in (None, 1, 3):
+            raise ValueError(f"ImageFolderDataModule: channels must be 1 (grayscale), 3 (RGB) or null, got {channels}.")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"ImageFolderDataModule: image_size must be >= 1 or null, got {image_size}.")
+        if crop not in ("centre", "none"):
+            raise ValueError(f"ImageFolderDataModule: crop must be 'centre' or 'none', got {crop!r}.")
+        if interpolation not in RESAMPLING:
+            raise ValueError(
+                f"ImageFolderDataModule: interpolation must be one of {', '.join(RESAMPLING)}, got {interpolation!r}."
+            )
+
+    # ------------------------------------------------------------------------------------------ files and splits
+    def _split_files(self) -> dict[Split, list[Path]]:
+        """The image files of each split (sub-folders, or a split of everything by ``seed``)."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: the image folder {self.root} does not exist. Pass the folder holding your "
+                "PNG/JPEG images: --data.init_args.root PATH."
+            )
+        if (self.root / "train").is_dir():
+            return self._given_split_files()
+        files = list_images(self.root, self.extensions)
+        if not files:
+            raise ValueError(
+                f"ImageFolderDataModule: no images under {self.root} (searched recursively for "
+                f"{', '.join(self.extensions)}). Put your images there, or set `extensions` for other file types."
+            )
+        parts = split_indices(len(files), self.val_fraction, self.test_fraction, self.seed)
+        counts = {split: len(parts[split]) for split in SPLITS}
+        if min(counts.values()) == 0:
+            raise ValueError(
+                f"ImageFolderDataModule: {len(files)} images under {self.root} split by val_fraction="
+                f"{self.val_fraction} and test_fraction={self.test_fraction} give "
+                + ", ".join(f"{n} {split}" for split, n in counts.items())
+                + " images; every split needs at least one. Add images, or raise the fraction of the empty split."
+            )
+        return {split: [files[int(i)] for i in parts[split]] for split in SPLITS}
+
+    def _given_split_files(self) -> dict[Split, list[Path]]:
+        """``train/``, ``val/``, ``test/`` under ``root``; a missing ``val/`` or ``test/`` uses the other."""
+        found = {split: list_images(self.root / split, self.extensions) for split in SPLITS}
+        present = {split for split in SPLITS if (self.root / split).is_dir()}
+        if not {"val", "test"} & present:
+            raise ValueError(
+                f"ImageFolderDataModule: {self.root} has a train/ sub-folder but neither val/ nor test/. Add one "
+                "of them (a missing one uses the other), or move the images out of train/ to split them by `seed`."
+            )
+        found["val"] = found["val"] if "val" in present else found["test"]
+        found["test"] = found["test"] if "test" in present else found["val"]
+        for split, files in found.items():
+            if not files:
+                folder = self.root / (split if split in present else ({"val", "test"} - {split}).pop())
+                raise ValueError(
+                    f"ImageFolderDataModule: no images in {folder}/ (the {split} split; searched recursively for "
+                    f"{', '.join(self.extensions)}). Put images there, or set `extensions` for other file types."
+                )
+        return found
+
+    def _all_files(self) -> list[Path]:
+        """Every file once, in split order."""
+        return list(dict.fromkeys(f for split in SPLITS for f in self.files[split]))
+
+    # ------------------------------------------------------------------------------------------ headers
+    def _open(self, path: Path) -> Image.Image:
+        try:
+            return Image.open(path)
+        except READ_ERRORS as error:
+            raise ValueError(self._unreadable(path, error)) from error
+
+    def _header(self, path: Path) -> tuple[str, tuple[int, int]]:
+        """``(PIL mode, (width, height))`` of an image file, from its header (the pixels are not decoded)."""
+        with self._open(path) as image:
+            try:
+                return image.mode, oriented_size(image)
+            except (*READ_ERRORS, struct.error) as error:
+                raise ValueError(self._unreadable(path, error)) from error
+
+    def _unreadable(self, path: Path, error: BaseException) -> str:
+        return (
+            f"ImageFolderDataModule: cannot read the image {path} ({type(error).__name__}: {error}). Delete or "
+            f"replace the file, or move it out of {self.root}."
+        )
+
+    def _first_image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) from the options, or from the header of the first training image."""
+        first = self.files["train"][0]
+        mode, (width, height) = self._header(first)
+        channels = self.channels or self._readable_channels(first, mode)
+        if self.image_size is not None:
+            return (channels, self.image_size, self.image_size)
+        return (channels, height, width)
+
+    def _readable_channels(self, path: Path, mode: str) -> int:
+        channels = mode_channels(mode)
+        if channels is None:
+            raise ValueError(
+                f"ImageFolderDataModule: {path} is not an 8-bit image ({describe_mode(mode)}; 16-bit and float "
+                "images are not supported). mulan models 8-bit pixels: save it as an 8-bit grayscale or RGB image."
+            )
+        return channels
+
+    def check_files(self) -> None:
+        """Read the header of every file (no pixels) and refuse unreadable files, colour modes other than
+        ``image_shape``'s (unless ``convert``) and, without ``image_size``, sizes other than the first image's."""
+        first = self.files["train"][0]
+        first_mode, first_size = self._header(first)
+        for path in self._all_files():
+            mode, size = self._header(path)
+            channels = self._readable_channels(path, mode)
+            if channels != self.image_shape[0] and not self.convert:
+                raise ValueError(self._mode_message(path, mode, first, first_mode))
+            if self.image_size is None and size != first_size:
+                raise ValueError(
+                    f"ImageFolderDataModule: the images under {self.root} have different sizes: {first} is "
+                    f"{first_size[0]}x{first_size[1]} and {path} is {size[0]}x{size[1]} (width x height). Set "
+                    "`image_size` to centre-crop and resize every image to one size, e.g. "
+                    f"--data.init_args.image_size {min(*first_size, *size)}."
+                )
+        self._headers_checked = True
+
+    def _mode_message(self, path: Path, mode: str, first: Path, first_mode: str) -> str:
+        c = self.image_shape[0]
+        target, other = ("RGB", "grayscale") if c == 3 else ("grayscale", "colour")
+        if self.channels is None:
+            return (
+                f"ImageFolderDataModule: the images under {self.root} mix colour modes: {first} is "
+                f"{describe_mode(first_mode)} and {path} is {describe_mode(mode)}. Set `channels` "
+                f"(--data.init_args.channels 1 or 3) and `convert: true` (--data.init_args.convert true) to convert "
+                "every image to one mode."
+            )
+        return (
+            f"ImageFolderDataModule: {path} is {describe_mode(mode)} but channels={c} (image_shape "
+            f"{self.image_shape}). Set `channels: {4 - c}` (--data.init_args.channels {4 - c}) if your data is "
+            f"{other}, or set `convert: true` (--data.init_args.convert true) to convert every image to {target}."
+        )
+
+    # ------------------------------------------------------------------------------------------ pixels
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self._image_shape
+
+    def read_image(self, path: Path) -> np.ndarray:
+        """One image as uint8 (H, W, C) of ``image_shape``: oriented, converted, cropped and resized."""
+        channels, height, width = self.image_shape
+        with self._open(path) as image:
+            try:
+                image.load()
+                picture = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+            except (*READ_ERRORS, struct.error) as error:
+                raise ValueError(self._unreadable(path, error)) from error
+        if self.image_size is not None:
+            if self.crop == "centre":
+                picture = centre_square(picture)
+            if picture.size != (width, height):
+                picture = picture.resize((width, height), RESAMPLING[self.interpolation])
+        array = np.asarray(picture, dtype=np.uint8)
+        return array.reshape(height, width, channels)
+
+    def _load_split(self, split: Split) -> Tensor:
+        if not self._headers_checked:
+            self.check_files()
+        channels, height, width = self.image_shape
+        files = self.files[split]
+        images = np.empty((len(files), height, width, channels), dtype=np.uint8)
+        for i, path in enumerate(files):
+            images[i] = self.read_image(path)
+        return nhwc_to_nchw(images) if len(files) else torch.empty(0, *self.image_shape, dtype=torch.uint8)
+
+    def _empty_hint(self, split: Split) -> str:
+        return f"Put images into {self.root}, or lower the fractions of the other splits."
