@@ -67,6 +67,7 @@ def train_command(study: dict, arm: str, seed: int, workdir: Path) -> list[str]:
         "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={out}",
         "--test_after_fit=false",
+        "--overwrite=true",  # a run interrupted earlier is trained again from the start
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         f"--trainer.callbacks.dirpath={out / 'every'}",
         f"--trainer.callbacks.every_n_train_steps={study['every']}",
@@ -98,8 +99,8 @@ def _instantiate(hparams: dict[str, Any]) -> Any:
 @torch.no_grad()
 def evaluate(ckpt: Path, times: int, seed: int) -> dict[str, Any]:
     """Dense-ELBO test bound of one checkpoint: mean and standard error per term (bits/dim)."""
-    from mulan.cli import load_checkpoint
     from mulan.lightning import DiffusionTask
+    from mulan.lightning.checkpoint_io import load_checkpoint
     from mulan.lightning.task import split_batch
     from mulan.likelihood import dense_elbo
 
@@ -126,8 +127,8 @@ def loss_variance(ckpt: Path, draws: int = 64, seed: int = 0) -> dict[str, float
     """Variance over ``draws`` of the one-sample training-loss estimate (the batch mean of the total, bits/dim) of
     one fixed training batch, with the training draws (time sampler, noise, latent perturbation); also of the
     diffusion term alone."""
-    from mulan.cli import load_checkpoint
     from mulan.lightning import DiffusionTask
+    from mulan.lightning.checkpoint_io import load_checkpoint
     from mulan.lightning.task import split_batch
 
     checkpoint = load_checkpoint(str(ckpt))

@@ -10,22 +10,25 @@ Everything here uses LightningCLI's public hooks (``init_parser``, ``parse_argum
 
 from __future__ import annotations
 
+import inspect
 import json
-import pickle
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mulan.export import is_safetensors, load_into_task, read_checkpoint_dict
+from mulan.export import is_safetensors, load_into_task
 from mulan.lightning.callbacks import SampleWriter
+from mulan.lightning.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from mulan.lightning.task import DiffusionTask
 
 EVAL_SUBCOMMANDS = ("test", "validate", "predict")
+LIGHTNING_CKPT_NAMES = ("last", "hpc")
+"""``fit --ckpt_path`` values that Lightning resolves to a file itself."""
 
 EVALUATION_OPTIONS = {"sample_steps", "optimizer", "lr_scheduler", "process_lr", "process_weight_decay"}
 """Model options that do not change the model's bound, so evaluation may change them freely."""
@@ -38,49 +41,6 @@ RENAMED = {
     "schedule_weight_decay": "process_weight_decay",
 }
 """Names of the 0.1 configuration that changed, and what to write instead."""
-
-
-def load_checkpoint(path: str, error: Any = None) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with clear errors for missing, unsafe or corrupted files; a
-    safetensors export of :mod:`mulan.export` is read (and verified) as a checkpoint-shaped dict instead."""
-
-    def fail(message: str) -> NoReturn:
-        if error is not None:
-            error(message)
-        raise ValueError(message)
-
-    file = Path(path)
-    if file.is_dir():
-        fail(f"checkpoint {path!r} is a directory; give the path of a .ckpt file inside it (written by mulan-cli fit).")
-    if not file.is_file():
-        fail(
-            f"checkpoint {path!r} does not exist (give the path of a .ckpt file written by `mulan-cli fit`, or of a "
-            ".safetensors file written by `python -m mulan.export`)."
-        )
-    if is_safetensors(file):
-        try:
-            return read_checkpoint_dict(file)
-        except ValueError as exc:
-            fail(str(exc))
-    try:
-        checkpoint = torch.load(file, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln), str(exc)[:200])
-        if "global" in detail.lower() or "unsupported" in detail.lower():
-            fail(
-                f"checkpoint {path!r} was refused as unsafe: it holds pickled Python objects beyond tensors and plain "
-                "containers (loading them could run code), and mulan loads checkpoints with weights_only=True. "
-                f"Only load checkpoints you trust ({detail})."
-            )
-        fail(f"checkpoint {path!r} cannot be read: it is not a checkpoint, or it is truncated or corrupted ({detail}).")
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
-        fail(
-            f"checkpoint {path!r} cannot be read: it is not a checkpoint, or it is truncated or corrupted "
-            f"({type(exc).__name__}: {exc})."
-        )
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        fail(f"checkpoint {path!r} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt from mulan-cli fit.")
-    return checkpoint
 
 
 def _option_value(argv: list[str], name: str) -> str | None:
@@ -151,6 +111,13 @@ class MulanCLI(LightningCLI):
             help="After fit, test the best checkpoint and say where the logs are.",
         )
         parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Let fit write into a directory that already holds a run's config.yaml or checkpoints, and predict "
+            "into one that already holds samples.",
+        )
+        parser.add_argument(
             "--override_checkpoint_config",
             type=bool,
             default=False,
@@ -169,6 +136,8 @@ class MulanCLI(LightningCLI):
         if subcommand is None or {"-h", "--help"} & set(argv):
             self.config = self._parse(parser, argv)
             return
+        if subcommand == "fit" and ckpt_path in LIGHTNING_CKPT_NAMES:  # resolved (and loaded safely) by Lightning
+            ckpt_path = None
         checkpoint = load_checkpoint(ckpt_path, error=self._exit) if ckpt_path else None
         if subcommand not in EVAL_SUBCOMMANDS:
             self.config = self._parse(parser, argv)
@@ -230,24 +199,82 @@ class MulanCLI(LightningCLI):
         if "weights_only" in config:
             config["weights_only"] = True
 
-    # ------------------------------------------------------------------------------------------ safetensors exports
     def after_instantiate_classes(self) -> None:
-        """``--ckpt_path model.safetensors`` (written by ``python -m mulan.export``): the model and data were built
-        from the file's configuration; its weights are loaded here, and the Trainer gets no checkpoint path (it
+        """A model ``image_shape`` given by hand must be the data's (it is linked from the data); and for
+        ``--ckpt_path model.safetensors`` (written by ``python -m mulan.export``) the weights are loaded here, after
+        the model and data were built from the file's configuration, and the Trainer gets no checkpoint path (it
         reads only Lightning checkpoints)."""
         super().after_instantiate_classes()
+        self._check_image_shape()
         config = self.config_init.get(self.subcommand) if self.subcommand else None
         path = config.get("ckpt_path") if config else None
         if config and path and is_safetensors(path):
             load_into_task(self.model, path)
             config["ckpt_path"] = None
 
+    def _check_image_shape(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        given = config["model"]["init_args"].get("image_shape")
+        data_shape = getattr(self.datamodule, "image_shape", None)
+        default = inspect.signature(DiffusionTask).parameters["image_shape"].default
+        if given is None or data_shape is None or tuple(given) in (tuple(default), tuple(data_shape)):
+            return
+        self._exit(
+            f"model.init_args.image_shape is {tuple(given)}, but the data's images have shape {tuple(data_shape)}: the "
+            "model's image shape comes from the data. Leave model.init_args.image_shape out."
+        )
+
+    def instantiate_classes(self) -> None:
+        """Build the model, data and trainer; a constructor's error (``k >= m``, ``gamma_min >= gamma_max``, a batch
+        size of 0, ...) is printed as its own one-line message instead of a chain of tracebacks."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            root: BaseException = error
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__  # type: ignore[assignment]
+            self._exit(str(root) if isinstance(root, ValueError) else f"{type(root).__name__}: {root}")
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand and not config.get("trainer", {}).get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # complete checkpoint files or none
         trainer = super().instantiate_trainer(**kwargs)
         callbacks = trainer.callbacks  # type: ignore[attr-defined]  # a Trainer property mypy doesn't see
         if self.subcommand == "predict" and not any(isinstance(c, SampleWriter) for c in callbacks):
-            callbacks.append(SampleWriter(self.config.predict.predict_output_dir))
+            callbacks.append(SampleWriter(self._writable_output_dir(config)))
         return trainer
+
+    def _writable_output_dir(self, config: Any) -> str:
+        """``predict_output_dir``, checked writable and free of earlier samples before any sampling starts."""
+        folder = Path(config["predict_output_dir"])
+        if (folder / "samples.npz").exists() and not config["overwrite"]:
+            self._exit(f"{folder}/ already holds samples.npz; give another --predict_output_dir, or --overwrite true.")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            self._exit(
+                f"cannot write predictions to {folder}/ ({error.strerror}); give a writable --predict_output_dir."
+            )
+        return str(folder)
+
+    def before_fit(self) -> None:
+        """Refuse to write over an earlier run's config.yaml or checkpoints unless ``--overwrite true``."""
+        if self.config.fit.get("overwrite") or self.config.fit.get("ckpt_path"):  # resuming continues a run
+            return
+        trainer = self.trainer
+        taken = [Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"]
+        for callback in trainer.checkpoint_callbacks:
+            folder = Path(getattr(callback, "dirpath", None) or Path(trainer.log_dir or ".") / "checkpoints")
+            taken += sorted(folder.glob("*.ckpt"))[:1]
+        taken = [path for path in taken if path.exists()]
+        if taken:
+            self._exit(
+                f"{taken[0]} exists: a previous run wrote into this directory, and fit would overwrite it. Give a new "
+                "--trainer.default_root_dir (or a logger that versions its runs), or --overwrite true."
+            )
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):

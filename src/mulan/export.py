@@ -191,7 +191,7 @@ def read_checkpoint_dict(path: str | Path) -> dict[str, Any]:
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the weights of a checkpoint of ``mulan-cli fit`` (the EMA average when the run used
     ``EMAWeightAveraging``) and its model and data configuration to the safetensors file ``out``."""
-    from mulan.cli import load_checkpoint  # the safe loader with clear errors (imports Lightning)
+    from mulan.lightning.checkpoint_io import load_checkpoint  # the safe loader (imports Lightning)
 
     saved = load_checkpoint(str(checkpoint))
     model_config = dict(saved.get("hyper_parameters") or {})

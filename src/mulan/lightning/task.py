@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mulan.latents import LatentFactory, NoLatent
+from mulan.lightning.checkpoint_io import load_checkpoint
 from mulan.lightning.metrics import MeanStdErr
 from mulan.lightning.optim import AdamW, LinearWarmup, parameter_groups
 from mulan.model import Bound, build_model
@@ -210,6 +211,25 @@ class DiffusionTask(L.LightningModule):
                 f"one given now: {detail}\nWith mulan-cli, test it without --model so the configuration saved in "
                 "the checkpoint is used."
             ) from error
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> DiffusionTask:
+        """Lightning's ``load_from_checkpoint``, after :func:`~mulan.lightning.checkpoint_io.load_checkpoint` has
+        read the file with ``weights_only=True``: a checkpoint holding pickled code is refused as unsafe (its code
+        never runs), a truncated or foreign file with a clear message. Always loads with ``weights_only=True``
+        (the argument is accepted for compatibility with Lightning's signature)."""
+        load_checkpoint(str(checkpoint_path))
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+        )
 
     def _checkpoint_name(self) -> str:
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
