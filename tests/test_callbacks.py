@@ -188,8 +188,18 @@ def test_predict_writes_uint8_samples_and_figures(tmp_path: Path) -> None:
 
 
 def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path) -> None:
+    """The ODE bound is logged, and with Hutchinson probes and several draws the importance-weighted estimate
+    beside it (below the bound by Jensen) with its estimated bias."""
     callback = EvaluationCallback(
-        num_images=4, num_times=4, fid=False, ode_images=2, ode_draws=2, ode_rtol=1e-3, ode_atol=1e-3, progress=False
+        num_images=4,
+        num_times=4,
+        fid=False,
+        ode_images=2,
+        ode_draws=2,
+        ode_probes=2,
+        ode_rtol=1e-3,
+        ode_atol=1e-3,
+        progress=False,
     )
     trainer = L.Trainer(
         logger=False, enable_progress_bar=False, callbacks=[callback], limit_test_batches=1, default_root_dir=tmp_path
@@ -199,6 +209,8 @@ def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path) ->
     assert torch.isfinite(metrics["test/ode_bpd"]) and metrics["test/ode_nfe"] > 0
     # the bound includes the honest latent cost log C(6, 2) nats, so it can't be below it
     assert metrics["test/ode_bpd"] > math.log(15) / (64 * math.log(2))
+    assert metrics["test/ode_iw_bpd"] <= metrics["test/ode_bpd"]
+    assert torch.isfinite(metrics["test/ode_iw_bias_bpd"]) and metrics["test/ode_iw_bias_bpd"] >= 0
 
 
 def test_digits_feature_network_separates_digits_from_noise(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mulan.processes.base import Context
@@ -33,24 +34,38 @@ def drift(model: Any, ctx: Context) -> Callable[[Tensor, Tensor], Tensor]:
     return f
 
 
-def drift_and_divergence(f: Callable[[Tensor, Tensor], Tensor], t: Tensor, x: Tensor, probe: Tensor | None):
-    """The drift ``f(t, x)`` (B, ...) and its divergence ``sum_i d f_i / d x_i`` (B,).
+EXACT_TRACE_CHUNK = 64
+"""How many basis vectors one vectorised backward pass of the exact trace takes (bounds its memory)."""
 
-    ``probe`` given: Hutchinson's unbiased estimate ``probe^T J probe`` with one vector-Jacobian product.
-    ``probe=None``: the exact trace of the Jacobian, one backward pass per dimension (small states only; assumes
-    examples do not interact in the denoiser, as they do not in eval-mode networks)."""
+
+def drift_and_divergence(
+    f: Callable[[Tensor, Tensor], Tensor], t: Tensor, x: Tensor, probes: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The drift ``f(t, x)`` (B, ...) and its divergence ``sum_i d f_i / d x_i``, (B, P).
+
+    ``probes`` (P, B, ...) given: ``P`` Hutchinson estimates ``v_p^T J v_p``, each unbiased, from one
+    vector-Jacobian product per probe (vectorised over the probes). ``probes=None``: the exact trace of the
+    Jacobian (P = 1), one vector-Jacobian product per dimension, vectorised :data:`EXACT_TRACE_CHUNK` at a time
+    (small states only; it assumes examples do not interact in the denoiser, as they do not in eval mode).
+    Several probes and the exact trace batch the backward passes with ``torch.vmap``
+    (``is_grads_batched``), which every built-in denoiser supports."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         out = f(t, x)
-        if probe is not None:
-            (vjp,) = torch.autograd.grad(out, x, probe)
-            return out.detach(), (vjp * probe).flatten(1).sum(1)
-        flat = out.flatten(1)
-        diagonal = [
-            torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
-            for i in range(flat.shape[1])
-        ]
-    return out.detach(), torch.stack(diagonal, 1).sum(1)
+        if probes is not None:
+            if probes.shape[0] == 1:
+                (vjp,) = torch.autograd.grad(out, x, probes[0])
+                return out.detach(), (vjp * probes[0]).flatten(1).sum(1, keepdim=True)
+            (vjps,) = torch.autograd.grad(out, x, probes, is_grads_batched=True)
+            return out.detach(), (vjps * probes).flatten(2).sum(2).T
+        dims = x[0].numel()
+        trace = x.new_zeros(x.shape[0])
+        for index in torch.arange(dims, device=x.device).split(EXACT_TRACE_CHUNK):
+            basis = F.one_hot(index, dims).to(x.dtype)  # (n, D)
+            basis = basis[:, None].expand(-1, x.shape[0], -1).reshape(-1, *x.shape)  # (n, B, ...)
+            (rows,) = torch.autograd.grad(out, x, basis, retain_graph=True, is_grads_batched=True)
+            trace = trace + rows.flatten(2)[torch.arange(index.numel(), device=x.device), :, index].sum(0)
+    return out.detach(), trace[:, None]
 
 
 def per_example_norm(state: Tensor | tuple[Tensor, ...]) -> Tensor:
