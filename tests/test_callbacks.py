@@ -21,6 +21,7 @@ from mulan.lightning.callbacks import EvaluationCallback, PicturesCallback, reso
 from mulan.lightning.data import EmbeddedDataModule
 from mulan.likelihood import dense_elbo
 from mulan.networks import UNet
+from mulan.sampling import SAMPLERS, dpm_solver_sample
 from mulan.schedules import Polynomial
 
 CONF = Path(__file__).parent / "conf"
@@ -211,6 +212,34 @@ def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path) ->
     assert metrics["test/ode_bpd"] > math.log(15) / (64 * math.log(2))
     assert metrics["test/ode_iw_bpd"] <= metrics["test/ode_bpd"]
     assert torch.isfinite(metrics["test/ode_iw_bias_bpd"]) and metrics["test/ode_iw_bias_bpd"] >= 0
+
+
+def test_fid_samples_come_from_the_chosen_sampler(tmp_path: Path) -> None:
+    """``sampler="dpm_solver"`` draws FID's samples with DPM-Solver at ``sample_steps``; unknown names are refused."""
+
+    class Pool(nn.Module):
+        num_features = 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.float().mean((2, 3)) + torch.randn(x.shape[0], 3)
+
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        EvaluationCallback(sampler="euler")
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["steps"])
+        return dpm_solver_sample(*args, **kwargs)
+
+    callback = EvaluationCallback(
+        num_images=4, num_times=2, num_samples=4, sample_steps=3, sampler="dpm_solver", feature_extractor=Pool()
+    )
+    trainer = L.Trainer(
+        logger=False, enable_progress_bar=False, callbacks=[callback], limit_test_batches=1, default_root_dir=tmp_path
+    )
+    with mock.patch.dict(SAMPLERS, {"dpm_solver": spy}):
+        trainer.test(tiny_mulan(), datamodule=EmbeddedDataModule(batch_size=4))
+    assert calls == [3] and torch.isfinite(trainer.callback_metrics["test/fid"])
 
 
 def test_digits_feature_network_separates_digits_from_noise(tmp_path: Path) -> None:

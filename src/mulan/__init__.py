@@ -36,7 +36,7 @@ from mulan.model import Bound, DiffusionModel
 from mulan.networks import UNet
 from mulan.parameterisation import Data, Epsilon, Parameterisation, Velocity
 from mulan.processes import Context, DiagonalProcess, ForwardProcess, Marginal
-from mulan.sampling import SampleResult, ancestral_sample, ode_sample
+from mulan.sampling import SampleResult, ancestral_sample, dpm_solver_sample, ode_sample
 from mulan.schedules import (
     GAMMA_MAX,
     GAMMA_MIN,
@@ -98,6 +98,7 @@ __all__ = [
     "ode_likelihood",
     "ODELikelihood",
     "ancestral_sample",
+    "dpm_solver_sample",
     "ode_sample",
     "SampleResult",
     "__version__",

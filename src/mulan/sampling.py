@@ -16,9 +16,9 @@ from torch import Tensor
 
 from mulan import ode
 from mulan.model import DiffusionModel
-from mulan.processes.base import Context
+from mulan.processes.base import Context, Marginal
 from mulan.processes.diagonal import DECODE_MODES
-from mulan.utils import module_device, progress_bar
+from mulan.utils import float32_region, module_device, progress_bar
 
 
 @dataclass
@@ -101,6 +101,80 @@ def ancestral_sample(
             x = process.ancestral_step(x, ones * (i / steps), ones * ((i - 1) / steps), ctx, predict, noise)
             advance(1)
     return SampleResult(process.decode(x, ctx, decode, generator), ctx.z, steps)
+
+
+@torch.no_grad()
+def dpm_solver_sample(
+    model: DiffusionModel,
+    num_samples: int,
+    steps: int = 32,
+    z: Tensor | None = None,
+    y: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    decode: str | None = "argmax",
+    progress: bool = False,
+    device: torch.device | str | None = None,
+    order: int = 2,
+    x_1: Tensor | None = None,
+) -> SampleResult:
+    """Deterministic few-step sampling: DPM-Solver++ (Lu et al. 2022) on the probability-flow ODE, then decode.
+
+    The exponential integrator of the ODE in the data prediction ``x_hat = (x_t - sigma_t eps_hat) / alpha_t``,
+    element-wise per dimension, so it serves scalar and per-dimension (MuLAN) schedules alike: with
+    ``h = (gamma_t - gamma_s) / 2`` per dimension (the step in ``log(alpha / sigma)``), a step ``t -> s`` is
+
+        x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - exp(-h)) D
+
+    with ``D = x_hat_t`` (``order=1``: DDIM) or the multistep second-order ``D = (1 + 1/(2r)) x_hat_t - x_hat_prev /
+    (2r)``, ``r = h_prev / h`` (``order=2``, "2M"; first order on the first step, and on the last when ``steps <
+    15``). The linear part of the ODE is integrated exactly, so a few dozen equal steps in ``t`` (equal steps in
+    log-SNR for VDM's linear schedules) give samples close to the ODE's, at one denoiser call per step instead of
+    the adaptive solver's hundreds to thousands (:func:`ode_sample`). ``x_1 ~ p(x_1)`` unless given;
+    ``decode`` as in :func:`ancestral_sample`. Needs a process of the form ``x_t = alpha x + sigma eps``. Returns a
+    :class:`SampleResult` (``nfe = steps``).
+    """
+    _check_decode(decode)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 (DDIM) or 2 (DPM-Solver++ 2M), got {order}.")
+    ctx, device = sampling_context(model, num_samples, z, y, device, generator)
+    process, predict = model.process, model.predictor(ctx)
+    x = process.prior_sample(num_samples, ctx, generator) if x_1 is None else x_1
+    x = x.to(device, torch.float32)
+    ones = torch.ones(num_samples, device=device)
+    previous: tuple[Tensor, Tensor] | None = None  # (x_hat, h) of the step before
+
+    def marginal(t: float) -> tuple[Marginal, Tensor, Tensor]:
+        m = process.marginal(ones * t, ctx)
+        if m.alpha is None or m.sigma is None:
+            raise ValueError(
+                f"{type(process).__name__} is not of the form x_t = alpha x + sigma eps: use ancestral_sample or "
+                "ode_sample."
+            )
+        return m, m.alpha, m.sigma
+
+    m_t, alpha_t, sigma_t = marginal(1.0)
+    with progress_bar(steps, "DPM-Solver sampling", progress) as advance:
+        for i in range(steps, 0, -1):
+            eps_hat = predict(x, m_t)  # the denoiser may run under autocast; the arithmetic below is float32
+            with float32_region(x):
+                x_hat = (x - sigma_t * eps_hat) / alpha_t
+                m_s, alpha_s, sigma_s = marginal((i - 1) / steps)
+                h = 0.5 * (m_t.gamma - m_s.gamma)
+                data = x_hat
+                if order == 2 and previous is not None and not (i == 1 and steps < 15):
+                    half_inverse_r = 0.5 * h / previous[1]
+                    data = (1 + half_inverse_r) * x_hat - half_inverse_r * previous[0]
+                x = (sigma_s / sigma_t) * x - alpha_s * torch.expm1(-h) * data
+            previous, (m_t, alpha_t, sigma_t) = (x_hat, h), (m_s, alpha_s, sigma_s)
+            advance(1)
+    return SampleResult(process.decode(x, ctx, decode, generator), ctx.z, steps)
+
+
+SAMPLERS = {"ancestral": ancestral_sample, "dpm_solver": dpm_solver_sample}
+"""The step samplers by name (``sampler:`` in the callbacks): ``model, num_samples, steps=...`` in, a
+:class:`SampleResult` out."""
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from torchmetrics.aggregation import CatMetric
 from mulan.figures import image_grid, schedule_maps, snr_variance
 from mulan.lightning.task import DiffusionTask, split_batch
 from mulan.likelihood import dense_elbo, ode_likelihood
-from mulan.sampling import ancestral_sample
+from mulan.sampling import SAMPLERS, ancestral_sample
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -65,7 +65,9 @@ class EvaluationCallback(L.Callback):
         num_images: real images (from the loader) used for the dense ELBO and as FID's real set.
         num_times: stratified times per image in the dense ELBO (the reference uses 128).
         num_samples: generated images for FID/KID.
-        sample_steps: ancestral sampling steps ``T``.
+        sample_steps: sampling steps ``T`` (ancestral: 256 is usual; ``dpm_solver``: a few dozen).
+        sampler: ``"ancestral"`` (:func:`~mulan.sampling.ancestral_sample`) or ``"dpm_solver"``
+            (:func:`~mulan.sampling.dpm_solver_sample`, deterministic, few steps).
         fid, kid: compute FID / KID (torchmetrics with torch-fidelity's InceptionV3).
         feature_extractor_weights_path: InceptionV3 weights (see :func:`resolve_inception_weights`).
         ode_images: images (per process) evaluated with the probability-flow ODE likelihood (0: off; slow).
@@ -89,6 +91,7 @@ class EvaluationCallback(L.Callback):
         num_samples: int = 1000,
         sample_steps: int = 256,
         sample_batch_size: int = 250,
+        sampler: str = "ancestral",
         fid: bool = True,
         kid: bool = False,
         kid_subset_size: int = 100,
@@ -104,9 +107,11 @@ class EvaluationCallback(L.Callback):
         progress: bool = True,
     ) -> None:
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}.")
         self.ode_images, self.ode_draws, self.ode_rtol, self.ode_atol = ode_images, ode_draws, ode_rtol, ode_atol
         self.ode_probes, self.ode_exact_divergence = ode_probes, ode_exact_divergence
-        self.ode_solve_batch_size = ode_solve_batch_size
+        self.ode_solve_batch_size, self.sampler = ode_solve_batch_size, sampler
         self._ode_bpd, self._ode_iw_bpd, self._ode_iw_bias = CatMetric(), CatMetric(), CatMetric()
         self._ode_nfe, self._dense_bpd = CatMetric(), CatMetric()
         self._ode_seconds: list[float] = []
@@ -220,7 +225,7 @@ class EvaluationCallback(L.Callback):
             for start in range(0, per_rank, self.sample_batch_size):
                 count = min(self.sample_batch_size, per_rank - start)
                 y = None if given is None else given[torch.arange(start, start + count) % given.shape[0]]
-                samples = ancestral_sample(
+                samples = SAMPLERS[self.sampler](
                     pl_module.model,
                     count,
                     steps=self.sample_steps,
