@@ -54,6 +54,26 @@ def test_parameter_groups_exclude_biases_and_norms_from_decay_and_cover_every_pa
     assert optimizer.defaults["betas"] == (0.9, 0.99) and optimizer.defaults["eps"] == 1e-8
 
 
+@pytest.mark.parametrize("width", [8, None])
+def test_process_width_scales_the_learning_rate_of_wide_process_weights(width) -> None:
+    """Each process weight of fan-in f > width learns at lr * width / f (before and through the warm-up); narrower
+    weights, biases and the latent encoder at the process's lr; the denoiser at the optimiser's; None: one lr."""
+    module = tiny_module(process_lr=1e-3, process_width=width)  # Polynomial(hidden=16): fan-ins 6, 16, 16
+    optimizer = module.configure_optimizers()["optimizer"]
+    lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}  # the warm-up's target
+    assert len(lr_of) == sum(1 for _ in module.parameters())
+    for name, p in module.model.process.named_parameters():
+        fan_in = p[0].numel() if p.ndim >= 2 else 0
+        expected = 1e-3 * width / fan_in if width and fan_in > width else 1e-3
+        assert lr_of[id(p)] == pytest.approx(expected), name
+    assert any(lr_of[id(p)] < 1e-3 for p in module.model.process.parameters()) is (width is not None)
+    assert all(lr_of[id(p)] == pytest.approx(1e-3) for p in module.model.latent.parameters())
+    assert all(lr_of[id(p)] == pytest.approx(2e-4) for p in module.model.denoiser.parameters())
+    warm = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}  # step 0 of the warm-up
+    head = module.model.process.head_b
+    assert warm[id(head.weight)] / warm[id(head.bias)] == pytest.approx(lr_of[id(head.weight)] / 1e-3)
+
+
 def test_linear_warmup_then_constant() -> None:
     param = torch.nn.Parameter(torch.zeros(()))
     optimizer = AdamW([param], lr=1.0)
@@ -200,7 +220,6 @@ def test_mulan_paper_config_builds_and_runs_one_image() -> None:
         terms = module.model(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))
     assert torch.isfinite(terms.total).all()
     assert terms.latent.item() == pytest.approx(math.log(math.comb(50, 15)), rel=1e-6)
-
 
 
 def test_deep_copies_share_the_optimiser_factories() -> None:

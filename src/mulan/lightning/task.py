@@ -3,7 +3,6 @@ the model is :class:`mulan.model.DiffusionModel` (pure torch) and the data comes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, cast
 
 import lightning as L
@@ -68,6 +67,11 @@ class DiffusionTask(L.LightningModule):
         lr_scheduler: called with the optimiser, stepped every optimiser step (default: 100-step warm-up).
         process_lr: learning rate of the process and latent-encoder parameters (default: the optimiser's).
         process_weight_decay: their weight decay (default: the optimiser's; biases are never decayed).
+        process_width: the process's weight matrices with a fan-in above this learn at ``lr * process_width /
+            fan_in``. Adam moves a layer's outputs by up to ``lr * fan_in`` per step when its gradients agree across
+            inputs, so MuLAN's schedule head (layers as wide as the data) would otherwise swing the log-SNR map far
+            more per step than the denoiser can follow (docs: learning speed). ``None``: one learning rate for
+            every weight, as the MuLAN reference code.
         seed_every_step: seed the random draws of micro-batch ``a`` of optimiser step ``n`` on rank ``r`` from
             ``(seed, n, a, r)``, where ``seed`` is the run's seed (saved in the checkpoint): every DDP rank and every
             accumulated micro-batch draws its own times, noise, latents and dropout, and a run resumed from any
@@ -89,6 +93,7 @@ class DiffusionTask(L.LightningModule):
         lr_scheduler: LRSchedulerCallable = LinearWarmup,
         process_lr: float | None = None,
         process_weight_decay: float | None = None,
+        process_width: int | None = 64,
         seed_every_step: bool = True,
         sample_steps: int = 256,
         channels_last: bool = False,
@@ -101,7 +106,7 @@ class DiffusionTask(L.LightningModule):
         )
         # EMAWeightAveraging deep-copies the module: the factories (which may reference the CLI) are shared, not copied
         self.optimizer_factory, self.lr_scheduler_factory = SharedCallable(optimizer), SharedCallable(lr_scheduler)
-        self.process_lr, self.process_weight_decay = process_lr, process_weight_decay
+        self.process_lr, self.process_weight_decay, self.process_width = process_lr, process_weight_decay, process_width
         self.seed_every_step, self.sample_steps = seed_every_step, sample_steps
         self._base_seed = torch.initial_seed()
         self.meters = nn.ModuleDict(
@@ -237,17 +242,29 @@ class DiffusionTask(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict]:
-        """The denoiser's parameters, and the process's and latent encoder's (options ``process_lr``,
-        ``process_weight_decay``), each split into decayed weights and not-decayed biases and scales."""
+        """The denoiser's parameters; the process's, and the latent encoder's (options ``process_lr``,
+        ``process_weight_decay``); each split into decayed weights and not-decayed biases and scales. Process
+        weights wider than ``process_width`` get their own groups with an ``lr_scale`` of ``process_width / fan_in``
+        (applied by :meth:`configure_optimizers`)."""
         options: dict[str, float] = {}
         if self.process_lr is not None:
             options["lr"] = self.process_lr
         if self.process_weight_decay is not None:
             options["weight_decay"] = self.process_weight_decay
-        learned_noise: Iterable[nn.Parameter] = [*self.model.process.parameters(), *self.model.latent.parameters()]
-        return parameter_groups(self.model.denoiser.parameters()) + parameter_groups(learned_noise, **options)
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for p in self.model.process.parameters():
+            fan_in = p[0].numel() if p.ndim >= 2 else 0
+            scale = self.process_width / fan_in if self.process_width and fan_in > self.process_width else 1.0
+            by_scale.setdefault(scale, []).append(p)
+        groups = parameter_groups(self.model.denoiser.parameters())
+        groups += parameter_groups([*by_scale.pop(1.0, []), *self.model.latent.parameters()], **options)
+        for scale, params in sorted(by_scale.items()):
+            groups += parameter_groups(params, **options, lr_scale=scale)
+        return groups
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)  # before the scheduler records each group's initial lr
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
