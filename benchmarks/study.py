@@ -10,6 +10,7 @@ A study file (YAML) names the arms, each a config of ``configs/`` plus command-l
       vdm: {config: configs/demo_vdm.yaml}
       mulan: {config: configs/demo.yaml, overrides: ["--model.init_args.parameterisation=mulan.Velocity"]}
     reuse: {study: colour, arms: [vdm, mulan]}   # optional: arms already run by another study (same budget)
+    first: [vdm, mulan]                           # optional: run these arms (every seed) before the others
 
 Every run trains through the real CLI (``mulan-cli fit``) in its own process (``--jobs`` at a time, one thread
 each); every checkpoint is then evaluated on the test split with the dense ELBO (every term, bits/dim), and at
@@ -272,7 +273,8 @@ def main() -> None:
         torch.set_num_threads(1)
         arms = [a for a in (args.arms or list(study["arms"])) if a not in reused]
         seeds = args.seeds if args.seeds is not None else study["seeds"]
-        jobs = [(arm, seed) for seed in seeds for arm in arms]
+        first = [a for a in study.get("first", []) if a in arms]  # these arms, every seed, before the others
+        jobs = [(a, s) for a in first for s in seeds] + [(a, s) for s in seeds for a in arms if a not in first]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for future in [pool.submit(run_arm_seed, study, a, s, workdir, results, save) for a, s in jobs]:
                 future.result()
