@@ -30,6 +30,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -81,6 +82,7 @@ def train(study: dict, arm: str, seed: int, workdir: Path) -> float:
     """Run one training in a subprocess (one thread); returns its wall-clock seconds."""
     log = workdir / f"{run_name(arm, seed)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir / run_name(arm, seed), ignore_errors=True)  # no checkpoint of an interrupted run survives
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
     with open(log, "w") as out:
