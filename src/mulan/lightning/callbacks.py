@@ -145,6 +145,12 @@ class EvaluationCallback(L.Callback):
         for metric in [*self.metrics.values(), *self._own_metrics()]:
             metric.to(pl_module.device)
 
+    @property
+    def _reports_iw(self) -> bool:
+        """Whether the importance-weighted estimate is logged beside the bound (with the exact divergence it is the
+        bound itself, and with one draw it equals it)."""
+        return self.ode_draws > 1 and not self.ode_exact_divergence
+
     def _own_metrics(self) -> list[Metric]:
         return [self._dense_bpd, self._ode_bpd, self._ode_iw_bpd, self._ode_iw_bias, self._ode_nfe]
 
@@ -196,8 +202,10 @@ class EvaluationCallback(L.Callback):
                 progress=self.progress,
             )
         self._ode_bpd.update(result.bpd.detach())
-        self._ode_iw_bpd.update(result.iw_bpd.detach())
-        self._ode_iw_bias.update(pl_module.model.bpd(result.iw_bias_nats).detach())
+        if self._reports_iw:
+            self._ode_iw_bpd.update(result.iw_bpd.detach())
+            if self.ode_probes > 1:  # one probe shows no spread: the bias is unknown (NaN)
+                self._ode_iw_bias.update(pl_module.model.bpd(result.iw_bias_nats).detach())
         self._ode_nfe.update(result.nfe.detach().float())
         self._ode_seconds.append(result.seconds_per_image)
 
@@ -212,7 +220,7 @@ class EvaluationCallback(L.Callback):
             ode = self._ode_bpd.compute().reshape(-1)
             results[f"{stage}/ode_bpd"] = ode.mean()
             results[f"{stage}/ode_bpd_stderr"] = ode.std() / math.sqrt(ode.numel())
-            if self.ode_draws > 1 and not self.ode_exact_divergence:  # exact: the headline is this bound
+            if self._reports_iw:
                 results[f"{stage}/ode_iw_bpd"] = self._ode_iw_bpd.compute().mean()
                 if self.ode_probes > 1:
                     results[f"{stage}/ode_iw_bias_bpd"] = self._ode_iw_bias.compute().mean()
