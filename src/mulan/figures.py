@@ -137,3 +137,29 @@ def snr_variance(model: DiffusionModel, num_latents: int = 64, num_times: int = 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig, times.cpu(), variance
+
+
+@torch.no_grad()
+def superresolution_grid(
+    model: DiffusionModel,
+    images: Tensor,
+    y: Tensor,
+    num_samples: int = 3,
+    steps: int = 256,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A grid for a model of ``p(x | y)``: one row per image, the input ``y`` (nearest-neighbour upscaled), then
+    ``num_samples`` ancestral samples of ``x`` given it, then the truth ``x``. ``images``: uint8 (N, C, H, W); ``y``:
+    uint8 (N, C, h, w). Returns one uint8 grid image (C, H', W')."""
+    from mulan.sampling import ancestral_sample
+
+    n = images.shape[0]
+    device = next(model.parameters()).device
+    repeated = y.to(device).repeat_interleave(num_samples, dim=0)
+    samples = ancestral_sample(model, n * num_samples, steps=steps, y=repeated, generator=generator).samples
+    upscaled = torch.nn.functional.interpolate(y.float(), size=images.shape[-2:], mode="nearest").to(torch.uint8)
+    rows = [
+        torch.cat([upscaled[i : i + 1], samples[i * num_samples : (i + 1) * num_samples].cpu(), images[i : i + 1]])
+        for i in range(n)
+    ]
+    return image_grid(torch.cat(rows), nrow=num_samples + 2)

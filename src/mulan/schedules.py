@@ -59,9 +59,20 @@ class LearnedScalar(NoiseSchedule):
     fixed_endpoints = False
 
     def __init__(
-        self, image_shape: ImageShape, latent_dim: int, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
+        self,
+        image_shape: ImageShape,
+        latent_dim: int,
+        gamma_min: float = GAMMA_MIN,
+        gamma_max: float = GAMMA_MAX,
+        variance_minimising: bool = False,
     ) -> None:
         super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
+        if variance_minimising:  # docs: math, section 10c
+            raise ValueError(
+                "LearnedScalar: variance_minimising trains a schedule's interior for E[L^2] and its endpoints on the "
+                "bound, but b and b + |w| are this linear schedule's endpoints and it has no interior: the bound's "
+                "gradient is already all there is. Use mulan.schedules.MonotoneNN with variance_minimising: true."
+            )
         self.b = nn.Parameter(torch.tensor(self.gamma_min))
         self.w = nn.Parameter(torch.tensor(self.gamma_max - self.gamma_min))
 
@@ -77,6 +88,11 @@ class MonotoneNN(NoiseSchedule):
     ``gamma_0`` and ``gamma_1 = gamma_0 + |delta|``. The public VDM code omits this normalisation, so its
     endpoints drift with the interior weights; here they move only when ``gamma_0``, ``delta`` are trained.
     Set ``learn_endpoints=False`` to keep them at ``gamma_min``, ``gamma_max``.
+
+    ``variance_minimising`` (VDM appendix I.2; docs: math, section 10c): the expected diffusion term does not depend on
+    the interior ``(g(t) - g(0)) / (g(1) - g(0))``, so its weights are trained to minimise ``E[L^2]`` of the
+    per-example diffusion term ``L`` (nats): in the backward pass the interior's gradient from example ``i`` is scaled
+    by ``2 L_i``, while the endpoints and the denoiser keep the bound's gradient. The loss values are unchanged.
     """
 
     def __init__(
@@ -87,9 +103,12 @@ class MonotoneNN(NoiseSchedule):
         gamma_max: float = GAMMA_MAX,
         features: int = 1024,
         learn_endpoints: bool = True,
+        variance_minimising: bool = False,
     ) -> None:
         super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
         self.fixed_endpoints = not learn_endpoints
+        self.variance_minimising = variance_minimising
+        self._loss_scale: list[Tensor] | None = None  # 2 L per example, filled once the loss is known
         self.features = features
         self.w1 = nn.Parameter(torch.tensor(1.0))
         self.b1 = nn.Parameter(torch.tensor(0.0))
@@ -113,8 +132,39 @@ class MonotoneNN(NoiseSchedule):
         g, dg = self._unnormalised(torch.cat([t.reshape(-1, 1), ends]))
         g_t, dg_t, g0, g1 = g[:-2], dg[:-2], g[-2], g[-1]
         gamma_0, span = self.gamma_0.float(), self.delta.float().abs()
-        gamma = gamma_0 + span * (g_t - g0) / (g1 - g0)
-        return gamma.reshape(t.shape), (span * dg_t / (g1 - g0)).reshape(t.shape)
+        interior, speed = (g_t - g0) / (g1 - g0), dg_t / (g1 - g0)  # (N, 1), independent of the endpoints
+        scale = self._loss_scale
+        if scale is not None and interior.requires_grad:  # backward: each example's interior gradient times 2 L_i
+            interior.register_hook(lambda grad: grad * scale[0].reshape(-1, 1))
+            speed.register_hook(lambda grad: grad * scale[0].reshape(-1, 1))
+        return (gamma_0 + span * interior).reshape(t.shape), (span * speed).reshape(t.shape)
+
+    def diffusion_loss(
+        self,
+        x: Tensor,
+        t: Tensor,
+        ctx: Context,
+        predict: Callable[..., Tensor],
+        eps: Tensor | None = None,
+        steps: int = 0,
+    ) -> Tensor:
+        """The diffusion term (B,) nats; with ``variance_minimising`` and gradients on, the interior's gradient is
+        that of ``E[L^2]`` (class docstring)."""
+        if not (self.variance_minimising and torch.is_grad_enabled()):
+            return super().diffusion_loss(x, t, ctx, predict, eps, steps)
+        if steps:
+            raise ValueError(
+                "MonotoneNN: variance_minimising relies on the continuous-time bound not depending on the schedule's "
+                "interior; the T-step bound does. Train with timesteps: 0, or set variance_minimising: false."
+            )
+        scale: list[Tensor] = []
+        self._loss_scale = scale
+        try:
+            loss = super().diffusion_loss(x, t, ctx, predict, eps, steps)
+        finally:
+            self._loss_scale = None
+        scale.append(2 * loss.detach())
+        return loss
 
     def endpoints(self, ctx: Context | None, batch_size: int) -> tuple[Tensor, Tensor]:
         const = torch.ones(batch_size, 1, 1, 1, device=self.w1.device)

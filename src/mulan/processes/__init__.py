@@ -4,14 +4,32 @@ The noise schedules of VDM and MuLAN (:mod:`mulan.schedules`) are diagonal proce
 processes subclass :class:`ForwardProcess` or :class:`DiagonalProcess` directly.
 """
 
+from mulan.processes.auxiliary import (
+    ALDA,
+    MALDA,
+    AuxiliaryProcess,
+    CriticallyDampedLangevin,
+    FixedAuxiliary,
+    LearnedAuxiliary,
+)
 from mulan.processes.base import Context, ForwardProcess, ImageShape, Marginal, Predictor, ProcessFactory
+from mulan.processes.cvdm import CVDM
 from mulan.processes.diagonal import DiagonalProcess
+from mulan.processes.diffenc import DiffEnc
 
 __all__ = [
+    "ALDA",
+    "AuxiliaryProcess",
     "Context",
+    "CriticallyDampedLangevin",
+    "CVDM",
     "DiagonalProcess",
+    "DiffEnc",
+    "FixedAuxiliary",
     "ForwardProcess",
     "ImageShape",
+    "LearnedAuxiliary",
+    "MALDA",
     "Marginal",
     "Predictor",
     "ProcessFactory",
