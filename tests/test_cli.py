@@ -10,6 +10,7 @@ import torch
 
 from mulan.cli import build_cli, main
 from mulan.latents import KHotLatent, NoLatent
+from mulan.model import BOUND_TERMS
 from mulan.schedules import LearnedScalar, Polynomial
 
 CONF = Path(__file__).parent / "conf"
@@ -139,3 +140,33 @@ def test_test_after_fit_evaluates_the_ema_weights(tmp_path: Path) -> None:
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(tested[key], value), key  # ... and the test ran on the average
     assert cli.model.test_results["total"][0] > 0
+
+
+def test_fit_then_test_prints_the_terms_the_baseline_and_where_the_pictures_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's main job ends with one line that sums the bound's named terms, the baseline it is compared with,
+    and the folder of test pictures: samples, log-SNR maps of test images, and the spread of the learned log-SNR
+    across images, which is zero at t = 0 and 1 (the schedule's endpoints are fixed) and positive in between."""
+    cli = build_cli(
+        ["fit", "--config", str(CONF / "mulan_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+         "--trainer.callbacks+=mulan.lightning.callbacks.PicturesCallback",
+         "--trainer.callbacks.every_n_validations=0", "--trainer.callbacks.num_samples=4",
+         "--trainer.callbacks.sample_steps=4", "--trainer.callbacks.num_maps=2", "--trainer.callbacks.num_spread=8",
+         "--test_after_fit", "true", "--baseline", "VDM, same budget: 9.99 bits/dim"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith("Test bound:"))
+    total = float(re.search(r"Test bound: ([\d.]+) bits/dim", line).group(1))  # type: ignore[union-attr]
+    terms = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+)(?= \+|$)", line.split("=", 1)[1])}
+    assert set(terms) == set(BOUND_TERMS)
+    assert total == pytest.approx(cli.model.test_results["total"][0], abs=1e-4)
+    assert sum(terms.values()) == pytest.approx(total, abs=5e-4)
+    assert "Compare with: VDM, same budget: 9.99 bits/dim" in out
+    pictures = tmp_path / "pictures"
+    assert f"Pictures: {pictures}/" in out
+    for name in ["samples.png", "schedule_maps.png", "log_snr_spread.png", "log_snr_spread.txt"]:
+        assert (pictures / name).stat().st_size > 0, name
+    rows = [r.split("\t") for r in (pictures / "log_snr_spread.txt").read_text().splitlines()[1:-1]]
+    across = [float(r[1]) for r in rows]
+    assert len(rows) == 21 and across[0] < 1e-4 and across[-1] < 1e-4 and max(across) > 0

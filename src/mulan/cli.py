@@ -14,6 +14,7 @@ import inspect
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,9 +23,10 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mulan.export import is_safetensors, load_into_task
-from mulan.lightning.callbacks import SampleWriter
+from mulan.lightning.callbacks import PICTURES_DIR, SampleWriter
 from mulan.lightning.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from mulan.lightning.task import DiffusionTask
+from mulan.model import BOUND_TERMS
 
 EVAL_SUBCOMMANDS = ("test", "validate", "predict")
 LIGHTNING_CKPT_NAMES = ("last", "hpc")
@@ -109,6 +111,13 @@ class MulanCLI(LightningCLI):
             type=bool,
             default=False,
             help="After fit, test the best checkpoint and say where the logs are.",
+        )
+        parser.add_argument(
+            "--baseline",
+            type=str | None,
+            default=None,
+            help="A figure to compare with, printed after the test of --test_after_fit (for example the test bound of "
+            "the VDM baseline with the same denoiser and budget, and where it was measured).",
         )
         parser.add_argument(
             "--overwrite",
@@ -288,14 +297,36 @@ class MulanCLI(LightningCLI):
         for callback in averaging:
             self.trainer.callbacks.remove(callback)  # type: ignore[attr-defined]
         try:
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
+            results = self.trainer.test(
+                self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True
+            )
         finally:
             self.trainer.callbacks.extend(averaging)  # type: ignore[attr-defined]
+        print("\n" + summary_line(results[0] if results else {}))
+        if self.config.fit.get("baseline"):
+            print(f"Compare with: {self.config.fit.baseline}")
         log_dir = self.trainer.log_dir
         print(f"\nTensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent if log_dir else '.'})")
         print(f"Checkpoint: {best or '(none saved)'}")
+        pictures = Path(log_dir or ".") / PICTURES_DIR
+        if pictures.is_dir():
+            print(f"Pictures: {pictures}/ ({', '.join(sorted(p.name for p in pictures.iterdir()))})")
         if best:
             print(f"Evaluate it again with: mulan-cli test --ckpt_path {best}")
+
+
+def summary_line(metrics: dict[str, Any], term_names: Sequence[str] = BOUND_TERMS) -> str:
+    """One line from a test's logged metrics: the bound in bits/dim as the sum of its named terms, and the dense ELBO
+    with its standard error when the evaluation callback logged it."""
+    value = {key: float(v) for key, v in metrics.items()}
+    if "test/bpd" not in value:
+        return "Test bound: not logged"
+    terms = " + ".join(f"{n} {value[f'test/{n}_bpd']:.4f}" for n in term_names if f"test/{n}_bpd" in value)
+    line = f"Test bound: {value['test/bpd']:.4f} bits/dim" + (f" = {terms}" if terms else "")
+    if "test/dense_bpd" in value:
+        dense = f"{value['test/dense_bpd']:.4f} ± {value.get('test/dense_bpd_stderr', float('nan')):.4f}"
+        line += f"; dense ELBO {dense} bits/dim over {int(value.get('test/dense_images', 0))} images"
+    return line
 
 
 def _config_texts(argv: list[str]) -> list[str]:

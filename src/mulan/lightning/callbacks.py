@@ -16,11 +16,12 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.aggregation import CatMetric
 
-from mulan.figures import image_grid, schedule_maps, snr_variance
+from mulan.figures import image_grid, log_snr_spread, schedule_maps, snr_variance
 from mulan.lightning.task import DiffusionTask, split_batch
 from mulan.likelihood import dense_elbo, ode_likelihood
 from mulan.sampling import SAMPLERS, ancestral_sample
 
+PICTURES_DIR = "pictures"  # under the run's log directory: what PicturesCallback draws at test
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
@@ -275,18 +276,33 @@ def _rgb(images: Tensor) -> Tensor:
 
 
 class PicturesCallback(L.Callback):
-    """Sample grids, and for per-dimension schedules the log-SNR maps of a few validation images and the
-    variance of the SNR across latents against ``t``, to TensorBoard after every ``every_n_validations``-th
-    validation. Needs a :class:`~lightning.pytorch.loggers.TensorBoardLogger` (otherwise it does nothing)."""
+    """Pictures of the model as it trains and as it is tested.
+
+    - After every ``every_n_validations``-th validation (0: never), to TensorBoard: a sample grid, and for
+      per-dimension schedules the log-SNR maps of ``num_maps`` validation images and the variance of the SNR across
+      latents against ``t``. Needs a :class:`~lightning.pytorch.loggers.TensorBoardLogger` (otherwise skipped).
+    - After ``test`` (``test_pictures``), as PNG files in ``<log_dir>/pictures/``: ``samples.png``, and for
+      per-dimension schedules ``schedule_maps.png`` (the log-SNR maps of ``num_maps`` test images side by side at
+      several ``t``, on one colour scale), ``log_snr_spread.png`` and ``log_snr_spread.txt`` (the spread of the
+      learned log-SNR across up to ``num_spread`` test images and within each image, against ``t``, in nats).
+    """
 
     def __init__(
-        self, every_n_validations: int = 1, num_samples: int = 64, sample_steps: int = 256, num_maps: int = 4
+        self,
+        every_n_validations: int = 1,
+        num_samples: int = 64,
+        sample_steps: int = 256,
+        num_maps: int = 4,
+        test_pictures: bool = True,
+        num_spread: int = 64,
     ) -> None:
         super().__init__()
         self.every_n_validations, self.num_samples = every_n_validations, num_samples
         self.sample_steps, self.num_maps = sample_steps, num_maps
+        self.test_pictures, self.num_spread = test_pictures, num_spread
         self._validations = 0
         self._images: Tensor | None = None
+        self._test_images: list[Tensor] = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0:
@@ -305,6 +321,48 @@ class PicturesCallback(L.Callback):
         if model.process.multivariate and self._images is not None:
             writer.add_figure("schedule/log_snr_maps", schedule_maps(model, self._images), step)
             writer.add_figure("schedule/snr_variance_across_latents", snr_variance(model)[0], step)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._test_images = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        held = sum(images.shape[0] for images in self._test_images)
+        if self.test_pictures and held < max(self.num_spread, self.num_maps):
+            self._test_images.append(split_batch(batch)[0][: max(self.num_spread, self.num_maps) - held].cpu())
+
+    @torch.no_grad()
+    def on_test_end(self, trainer: L.Trainer, pl_module: DiffusionTask) -> None:  # type: ignore[override]
+        if not (self.test_pictures and trainer.is_global_zero):
+            return
+        folder = Path(trainer.log_dir or ".") / PICTURES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        model = pl_module.model
+        samples = ancestral_sample(model, self.num_samples, steps=self.sample_steps).samples.cpu()
+        _save_png(image_grid(samples), folder / "samples.png")
+        if model.process.multivariate and self._test_images:
+            images = torch.cat(self._test_images).to(pl_module.device)
+            import matplotlib.pyplot as plt
+
+            maps = schedule_maps(model, images[: self.num_maps], times=(0.2, 0.4, 0.6, 0.8))
+            maps.savefig(folder / "schedule_maps.png", dpi=110)
+            figure, times, across, within, adaptive = log_snr_spread(model, images[: self.num_spread])
+            figure.savefig(folder / "log_snr_spread.png", dpi=110)
+            plt.close(maps)
+            plt.close(figure)
+            table = zip(times.tolist(), across.tolist(), within.tolist(), strict=True)
+            rows = [f"{t:.2f}\t{a:.5f}\t{w:.5f}" for t, a, w in table]
+            verdict = "adaptive to the latent" if adaptive else "flat spread across images: the schedule ignores z"
+            (folder / "log_snr_spread.txt").write_text(
+                "t\tstd across images\tstd within an image (log-SNR, nats)\n" + "\n".join(rows) + f"\n# {verdict}\n"
+            )
+        rank_zero_info(f"Wrote test pictures to {folder}/")
+
+
+def _save_png(grid: Tensor, path: Path) -> None:
+    """Saves a uint8 (C, H, W) grid as a PNG, 3x enlarged (nearest neighbour) so that small images stay visible."""
+    array = grid.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+    image.resize((array.shape[1] * 3, array.shape[0] * 3), Image.NEAREST).save(path)
 
 
 class SampleWriter(BasePredictionWriter):
