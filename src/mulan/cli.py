@@ -14,7 +14,7 @@ import inspect
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -315,7 +315,7 @@ class MulanCLI(LightningCLI):
             print(f"Evaluate it again with: mulan-cli test --ckpt_path {best}")
 
 
-def summary_line(metrics: dict[str, Any], term_names: Sequence[str] = BOUND_TERMS) -> str:
+def summary_line(metrics: Mapping[str, Any], term_names: Sequence[str] = BOUND_TERMS) -> str:
     """One line from a test's logged metrics: the bound in bits/dim as the sum of its named terms, and the dense ELBO
     with its standard error when the evaluation callback logged it."""
     value = {key: float(v) for key, v in metrics.items()}

@@ -362,7 +362,7 @@ def _save_png(grid: Tensor, path: Path) -> None:
     """Saves a uint8 (C, H, W) grid as a PNG, 3x enlarged (nearest neighbour) so that small images stay visible."""
     array = grid.permute(1, 2, 0).numpy()
     image = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
-    image.resize((array.shape[1] * 3, array.shape[0] * 3), Image.NEAREST).save(path)
+    image.resize((array.shape[1] * 3, array.shape[0] * 3), Image.Resampling.NEAREST).save(path)
 
 
 class SampleWriter(BasePredictionWriter):
