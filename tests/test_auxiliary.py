@@ -1,4 +1,4 @@
-"""Tests of the multivariate diffusions with auxiliary variables (mulan.processes.auxiliary; docs: math, section 10).
+"""Tests of the multivariate diffusions with auxiliary variables (mulan.processes.auxiliary; docs: math, section 11).
 
 - The closed-form kernel ``q(y_t | x)`` against a fine stochastic-Heun simulation of the SDE, and ``N(0, I)``
   stationary for any parameters.

@@ -26,7 +26,7 @@ from mulan.networks import UNet
 from mulan.parameterisation import Velocity
 from mulan.processes import Context, DiffEnc
 from mulan.sampling import ancestral_sample
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, LearnedScalar, MonotoneNN
+from mulan.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, LearnedScalar, MonotoneNN, Polynomial
 from mulan.time_sampling import CauchyLogSNR
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -330,6 +330,8 @@ def test_bad_options_are_named() -> None:
         DiffEnc(SHAPE, 0, base="mean")
     with pytest.raises(ValueError, match="weight .* must be positive"):
         DiffEnc(SHAPE, 0, weight=0.0)
+    with pytest.raises(ValueError, match="trainable encoder needs a scalar schedule"):
+        DiffEnc(SHAPE, 0, schedule=Polynomial)
     with pytest.raises(ValueError, match="variance_minimising: false inside DiffEnc"):
         DiffEnc(SHAPE, 0, schedule=lambda shape, m: MonotoneNN(shape, m, features=4, variance_minimising=True))
 

@@ -83,8 +83,9 @@ class LogSNRSampler(TimeSampler):
 
     Args:
         uniform_fraction: weight ``rho`` of the uniform density in the defensive mixture
-            ``(1 - rho) p + rho U[lambda_min, lambda_max]``: weights stay below ``(lambda_max - lambda_min) / rho``
-            whatever the proposal's tails (0: the pure proposal).
+            ``(1 - rho) p + rho U[lambda_min, lambda_max]``: every weight stays below ``1 / rho`` times the weight of a
+            uniformly drawn log-SNR (``1 / rho`` itself for the linear schedules and the reference line, where uniform
+            log-SNR is uniform time), whatever the proposal's tails (0: the pure proposal).
     """
 
     def __init__(self, uniform_fraction: float = 0.0) -> None:

@@ -1,4 +1,4 @@
-"""Multivariate diffusions with auxiliary variables (Singhal, Goldstein & Ranganath, ICLR 2023; docs: math, section 10).
+"""Multivariate diffusions with auxiliary variables (Singhal, Goldstein & Ranganath, ICLR 2023; docs: math, section 11).
 
 Per data dimension the state is ``y = (x, v_1, ..., v_K)``, ``K + 1`` numbers, and every dimension follows the same
 linear SDE with ``(K + 1) x (K + 1)`` matrices ``Q`` (skew-symmetric) and ``D`` (symmetric positive semi-definite):
@@ -19,7 +19,7 @@ the auxiliaries drawn from their initial distribution (variance ``s^2 = aux_init
 
 and the bound's diffusion term is ``1/2 (eps - eps_hat)^T W_t (eps - eps_hat)`` summed over data dimensions, with
 ``y_t = a_t x + L_t eps``, ``L_t L_t^T = Sigma_t`` and ``W_t = 2 beta L_t^-1 D L_t^-T`` (the Girsanov form of the
-bound with the score ``-L_t^-T eps_hat``; docs: math, section 10, for why this form and not the paper's
+bound with the score ``-L_t^-T eps_hat``; docs: math, section 11b, for why this form and not the paper's
 conditional one). All the ``(K + 1) x (K + 1)`` algebra runs in float64 (matrix exponential, Cholesky, solves);
 the state-sized arithmetic in float32 (or the ODE's dtype).
 
@@ -318,7 +318,7 @@ class AuxiliaryProcess(ForwardProcess):
         ``y_t = Phi_t y_0 + L_{t|0} eps``, ``Sigma_{t|0} = I - Phi_t Phi_t^T`` and the model's score
         ``s_theta = -L_t^-T eps_hat``. Its expectation is the bound's integrand (:meth:`diffusion_loss`) minus
         ``d H(q(y_t | x)) / dt``; its variance grows without bound as ``t -> 0`` (``Sigma_{t|0} -> 0``), which is why
-        the bound uses the other form (docs: math, section 10). For checks and comparison; not used in training.
+        the bound uses the other form (docs: math, section 11). For checks and comparison; not used in training.
         """
         if bool((t <= 0).any()):
             raise ValueError("the conditional form needs t > 0: q(y_t | y_0) has no density at t = 0.")

@@ -83,7 +83,7 @@ class MeanEncoder(nn.Module):
 
 
 class DiffEnc(DiagonalProcess):
-    """DiffEnc's forward process on any diagonal schedule (module docstring; docs: math, section 10a).
+    """DiffEnc's forward process on a diagonal schedule, scalar for the trainable encoder (docs: math, section 10a).
 
     Args:
         image_shape, latent_dim: as every process (``latent_dim`` is passed on to the schedule).
@@ -124,6 +124,12 @@ class DiffEnc(DiagonalProcess):
             raise ValueError(
                 "DiffEnc: its schedule's variance_minimising option acts on the schedule's own diffusion loss, which "
                 "DiffEnc replaces; use the schedule with variance_minimising: false inside DiffEnc."
+            )
+        if trainable and inner.multivariate:
+            raise ValueError(
+                f"DiffEnc: the trainable encoder needs a scalar schedule (one gamma per image), but "
+                f"{type(inner).__name__} is per-dimension; use a scalar schedule (FixedLinear, LearnedScalar, "
+                "MonotoneNN) or trainable: false."
             )
         self.schedule, self.base, self.latent_dim = inner, base, latent_dim
         self.multivariate, self.fixed_endpoints = inner.multivariate, inner.fixed_endpoints
