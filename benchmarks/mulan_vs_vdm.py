@@ -1,7 +1,7 @@
 """The paper's central claim at small scale: VDM vs MuLAN on the embedded digits, same denoiser, same budget.
 
-Each arm trains through the real CLI (``configs/demo.yaml`` / ``configs/demo_vdm.yaml`` plus overrides) for
-``--steps`` optimiser steps with checkpoints every ``--every`` steps (EMA weights), for several seeds; every
+Each arm trains through the real CLI (``configs/demo_digits.yaml``, ``configs/demo_digits_vdm.yaml``, plus overrides)
+for ``--steps`` optimiser steps with checkpoints every ``--every`` steps (EMA weights), for several seeds; every
 checkpoint is then evaluated on the test split with the dense ELBO (``--times`` stratified times per image).
 
     python benchmarks/mulan_vs_vdm.py --steps 2000 --every 500 --seeds 0 1 2
@@ -27,10 +27,10 @@ from mulan.likelihood import dense_elbo_dataset
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = "--model.init_args.latent"
 ARMS = {
-    "vdm": ("demo_vdm.yaml", []),
-    "mulan (m=50, k=15)": ("demo.yaml", [f"{LATENT}.init_args.m=50", f"{LATENT}.init_args.k=15"]),
-    "mulan (m=8, k=2)": ("demo.yaml", [f"{LATENT}.init_args.m=8", f"{LATENT}.init_args.k=2"]),
-    "mulan, no latent": ("demo.yaml", [f"{LATENT}=mulan.latents.NoLatent"]),
+    "vdm": ("demo_digits_vdm.yaml", []),
+    "mulan (m=50, k=15)": ("demo_digits.yaml", [f"{LATENT}.init_args.m=50", f"{LATENT}.init_args.k=15"]),
+    "mulan (m=8, k=2)": ("demo_digits.yaml", [f"{LATENT}.init_args.m=8", f"{LATENT}.init_args.k=2"]),
+    "mulan, no latent": ("demo_digits.yaml", [f"{LATENT}=mulan.latents.NoLatent"]),
 }
 
 

@@ -7,8 +7,8 @@ A study file (YAML) names the arms, each a config of ``configs/`` plus command-l
     seeds: [0, 1, 2]
     times: 32             # stratified times per test image in the dense ELBO
     arms:
-      vdm: {config: configs/demo_vdm.yaml}
-      mulan: {config: configs/demo.yaml, overrides: ["--model.init_args.parameterisation=mulan.Velocity"]}
+      vdm: {config: configs/demo_digits_vdm.yaml}
+      mulan: {config: configs/demo_digits.yaml, overrides: ["--model.init_args.parameterisation=mulan.Velocity"]}
     reuse: {study: colour, arms: [vdm, mulan]}   # optional: arms already run by another study (same budget)
     first: [vdm, mulan]                           # optional: run these arms (every seed) before the others
 

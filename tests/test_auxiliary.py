@@ -571,7 +571,7 @@ def test_bad_noise_and_the_ode_likelihood_are_refused_clearly() -> None:
 )
 def test_configs_build_the_process_beside_the_vdm_baseline(config: str, process: type, num_aux: int) -> None:
     """Each shipped config builds its process with a denoiser for its states, and differs from its VDM baseline
-    (demo_photos_vdm.yaml, or demo_vdm.yaml for the digits) only in the process: same U-Net, optimiser, budget."""
+    (demo_photos_vdm.yaml, or demo_digits_vdm.yaml for the digits) only in the process."""
     import yaml
 
     configs = Path(__file__).parents[1] / "configs"
@@ -580,7 +580,9 @@ def test_configs_build_the_process_beside_the_vdm_baseline(config: str, process:
     assert isinstance(built, process) and built.num_aux == num_aux
     assert cli.model.model.denoiser.image_shape == built.state_shape
     ours = yaml.safe_load((configs / config).read_text())
-    base = yaml.safe_load((configs / ("demo_vdm.yaml" if "digits" in config else "demo_photos_vdm.yaml")).read_text())
+    base = yaml.safe_load(
+        (configs / ("demo_digits_vdm.yaml" if "digits" in config else "demo_photos_vdm.yaml")).read_text()
+    )
     for key in ("denoiser", "optimizer", "lr_scheduler"):
         assert ours["model"]["init_args"][key] == base["model"]["init_args"][key], key
     assert ours["data"] == base["data"]
