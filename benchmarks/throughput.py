@@ -421,7 +421,7 @@ def compare_plan(args) -> list[dict]:
     specs = []
     for _ in range(args.rounds):
         for kind in ("vdm", "mulan"):
-            for precision in ("fp32", "bf16"):
+            for precision in args.precisions:
                 for revision in ("", args.compare):
                     specs.append(
                         dict(
@@ -449,7 +449,7 @@ def compare_table(results: list[dict], revision: str) -> str:
         "|---|---|---|---|---|",
     ]
     for kind in ("vdm", "mulan"):
-        for precision in ("fp32", "bf16"):
+        for precision in sorted({r["precision"] for r in results}):
 
             def best(rev: str, kind=kind, precision=precision) -> float:
                 hits = [
@@ -616,6 +616,9 @@ def main() -> None:
     parser.add_argument("--compare", metavar="REV", help="training steps of this tree against git revision REV")
     parser.add_argument("--head", action="store_true", help="the schedule head's share of MuLAN's training step")
     parser.add_argument("--rounds", type=int, default=3, help="--compare/--head: interleaved rounds")
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="--compare: precisions"
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
