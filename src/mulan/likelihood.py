@@ -62,6 +62,9 @@ def dense_elbo_dataset(model: DiffusionModel, batches: Iterable[Tensor], num_tim
 # ----------------------------------------------------------------------------------------------------
 # Likelihood by the probability-flow ODE (docs: math, section 6)
 
+DEFAULT_TIME_VARIABLE = "t"
+"""The ODE likelihood's integration variable unless told otherwise (:data:`mulan.ode.TIME_VARIABLES`)."""
+
 TRUNCATION = 3.0
 """The dequantiser's truncated normal lives on ``[-TRUNCATION, TRUNCATION]`` standard deviations."""
 
@@ -141,6 +144,7 @@ def ode_log_density(
     generator: torch.Generator | None = None,
     progress: bool = False,
     num_probes: int = 1,
+    time_variable: str = DEFAULT_TIME_VARIABLE,
 ) -> ODELogDensity:
     """``log p(x | ctx)`` of continuous data ``x`` (B, C, H, W) under the probability-flow ODE, in nats.
 
@@ -151,13 +155,18 @@ def ode_log_density(
     solve, each integrated on its own: each gives an unbiased estimate of ``log p(x)`` (up to the solver's error;
     not of ``p(x)``), ``log_p`` is their mean and their spread estimates its variance (``log_p_var``). More probes
     cost one more vector-Jacobian product each per evaluation, not another solve. Solver: :func:`mulan.ode.solve`
-    (dopri5 at ``rtol``/``atol`` in ``dtype``, TF32 off, autocast off outside the denoiser)."""
+    (dopri5 at ``rtol``/``atol`` in ``dtype``, TF32 off, autocast off outside the denoiser).
+
+    ``time_variable``: ``"t"`` integrates in the process's time; ``"log_snr"`` in the normalised mean log-SNR time
+    ``u`` of :class:`mulan.ode.LogSNRTime` (a change of the integration variable only: the same ``log p``, the
+    divergence scaled by the same ``dt/du`` as the drift, so it stays exact; ``nfe`` counts the evaluations of
+    that solve)."""
     if num_probes < 1:
         raise ValueError(f"num_probes must be at least 1, got {num_probes}.")
     ctx = as_context(ctx)
     x = x.to(dtype)
     probes = None if exact_divergence else rademacher_like(x, generator, num_probes)
-    f = ode.drift(model, ctx)
+    f = ode.drift_in(model, ctx, time_variable, x.shape[0], dtype, x.device)
 
     def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         velocity, div = ode.drift_and_divergence(f, t, state[0], probes)
@@ -255,6 +264,7 @@ def ode_likelihood(
     progress: bool = False,
     num_probes: int = 1,
     solve_batch_size: int | None = None,
+    time_variable: str = DEFAULT_TIME_VARIABLE,
 ) -> ODELikelihood:
     """Bits/dim of 8-bit images by the probability-flow ODE with truncated-normal dequantisation.
 
@@ -279,7 +289,9 @@ def ode_likelihood(
     = 7.57`` bits at ``gamma_min = -13.3``. ``BPD = nll / (D ln 2)``.
 
     Call it on a model in eval mode (dropout would make the ODE's right-hand side random). Returns an
-    :class:`ODELikelihood`. Solver options as in :func:`ode_log_density`."""
+    :class:`ODELikelihood`. Solver options (``rtol``, ``atol``, ``dtype``, ``exact_divergence``, ``num_probes``,
+    ``time_variable``) as in :func:`ode_log_density`; the dequantisation, the latent and the bound do not depend on
+    the time variable."""
     model.check_images(images)
     if num_draws < 1:
         raise ValueError(f"num_draws must be at least 1, got {num_draws}.")
@@ -305,6 +317,7 @@ def ode_likelihood(
             generator,
             progress,
             num_probes,
+            time_variable,
         )
         log_p.append(part.log_p)
         log_p_var.append(part.log_p_var)

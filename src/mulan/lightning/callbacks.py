@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -18,7 +26,8 @@ from torchmetrics.aggregation import CatMetric
 
 from mulan.figures import image_grid, log_snr_spread, schedule_maps, snr_variance
 from mulan.lightning.task import DiffusionTask, split_batch
-from mulan.likelihood import dense_elbo, ode_likelihood
+from mulan.likelihood import DEFAULT_TIME_VARIABLE, dense_elbo, ode_likelihood
+from mulan.ode import TIME_VARIABLES
 from mulan.sampling import SAMPLERS, ancestral_sample
 
 PICTURES_DIR = "pictures"  # under the run's log directory: what PicturesCallback draws at test
@@ -49,6 +58,103 @@ def resolve_inception_weights(path: str | None) -> str:
     return str(candidate)
 
 
+_CACHE_FORMAT = 1
+"""Version of the on-disk layout of :class:`_ResultCache` (part of the fingerprint: a new layout starts afresh)."""
+
+
+def _fingerprint(model: nn.Module, settings: dict) -> str:
+    """A hex digest (24 characters) of everything the per-image results depend on: the evaluation ``settings``
+    (JSON), the library version, the model's structure (``repr``: layers, shapes, options), the process's
+    ``gamma_min`` / ``gamma_max`` (options that are not parameters) and every tensor of its ``state_dict`` (names,
+    dtypes, shapes and bytes)."""
+    from mulan import __version__
+
+    digest = hashlib.sha256()
+    process = getattr(model, "process", None)
+    described = {
+        **settings,
+        "mulan": __version__,
+        "structure": repr(model),
+        "endpoints": [getattr(process, name, None) for name in ("gamma_min", "gamma_max")],
+    }
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{value.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class _ResultCache:
+    """Per-image results of one fingerprint: ``dense`` (key -> dense bits/dim) and ``ode`` (key -> the ODE figures).
+
+    ``root`` None: in memory only. Otherwise every ``*.json`` file under ``root`` (any rank's) is read at start, and
+    :meth:`save` writes each batch's new entries to a file of its own, atomically (a temporary file in the same
+    directory, flushed to disk, then renamed): an interrupted run leaves whole files or none."""
+
+    def __init__(self, root: Path | None, rank: int) -> None:
+        self.root, self.rank = root, rank
+        self.dense: dict[str, float] = {}
+        self.ode: dict[str, dict[str, float]] = {}
+        if root is None or not root.is_dir():
+            return
+        for path in sorted(root.glob("*.json")):
+            try:
+                content = json.loads(path.read_text())
+            except (OSError, ValueError) as error:  # not written by this class: leave it, recompute its images
+                rank_zero_info(f"EvaluationCallback: ignoring unreadable cache file {path} ({error}).")
+                continue
+            self.dense.update(content.get("dense", {}))
+            self.ode.update(content.get("ode", {}))
+
+    def save(self, kind: str, entries: dict) -> None:
+        """Add ``entries`` (key -> value) of ``kind`` (``"dense"`` or ``"ode"``) in memory and, with a root, on disk."""
+        getattr(self, kind).update(entries)
+        if self.root is None or not entries:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(",".join(sorted(entries)).encode()).hexdigest()[:16]
+        target = self.root / f"{kind}-rank{self.rank}-{name}.json"
+        with tempfile.NamedTemporaryFile("w", dir=self.root, suffix=".tmp", delete=False) as handle:
+            json.dump({kind: entries}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
+
+
+@contextlib.contextmanager
+def _seeded_rng(material: str, device: torch.device) -> Iterator[None]:
+    """Seed torch's global random state (CPU and ``device``) from a hash of ``material``; restore it after."""
+    seed = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "little") % (2**63)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _planned_images(trainer: L.Trainer, stage: str) -> int | None:
+    """How many images this rank's loader of ``stage`` will give (after ``limit_*_batches``); None if unknown."""
+    try:
+        loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+        loader: Any = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        count = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
+        batches = (trainer.num_test_batches if stage == "test" else trainer.num_val_batches)[0]
+        if math.isfinite(batches) and loader.batch_size:
+            count = min(count, int(batches) * loader.batch_size)
+        return int(count)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``"1 h 02 min"``, ``"3 min 05 s"`` or ``"12 s"``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
 class EvaluationCallback(L.Callback):
     """Dense-ELBO bits/dim and FID (optionally KID) on the validation and test data.
 
@@ -61,6 +167,18 @@ class EvaluationCallback(L.Callback):
     also the importance-weighted figure of the papers, ``{stage}/ode_iw_bpd``: an estimate, not a bound, optimistic
     by about ``{stage}/ode_iw_bias_bpd`` (logged when ``ode_probes >= 2`` lets it be estimated). With
     ``ode_exact_divergence`` the importance-weighted bound is the headline ``ode_bpd`` itself.
+
+    With ``progress``, rank zero logs a line after each batch of the ODE stage: images done / total, the time
+    spent and an estimate of the time left. With ``cache_dir``, the per-image results of a test (dense bits/dim;
+    ODE bits/dim, importance-weighted figure and its bias, NFE, seconds) are stored on disk as each batch finishes,
+    keyed by a hash of the image's bytes (and of its conditioning input), under a fingerprint of the model's
+    weights and every setting the values depend on: a test interrupted and started again with the same
+    ``cache_dir`` recomputes only the images it had not finished, and gives the values the uninterrupted test
+    would have given (each batch's random draws then come from a seed derived from the fingerprint and the batch's
+    image keys instead of the global random state). Another model or setting never reuses them. Validation during
+    fit does not use the cache (the weights change between validations). This rank's values of the last stage are
+    in :attr:`per_image`: image key -> ``{"dense_bpd", "ode_bpd", "ode_iw_bpd", "ode_iw_bias_bpd"}`` (bits/dim),
+    ``"ode_nfe"`` (drift evaluations per solve) and ``"ode_seconds"`` (wall-clock seconds per image of its call).
 
     Args:
         num_images: real images (from the loader) used for the dense ELBO and as FID's real set.
@@ -80,6 +198,10 @@ class EvaluationCallback(L.Callback):
             evaluation: small images only); makes the importance-weighted figure a bound, and the headline.
         ode_rtol, ode_atol: tolerances of the adaptive dopri5 solver.
         ode_solve_batch_size: (image, draw) rows per ODE solve (default: all of a batch's at once).
+        ode_time_variable: the ODE's integration variable, ``"t"`` or ``"log_snr"`` (the normalised mean log-SNR
+            time, :class:`mulan.ode.LogSNRTime`; the same bound, other steps; docs: evaluation, "Time variable").
+        cache_dir: directory for per-image test results, reused by a restarted test (None: no cache).
+        progress: progress bars for the ODE solves and FID sampling, and the ODE stage's ETA lines (rank zero).
         feature_extractor: a custom feature network for FID/KID instead of InceptionV3 (uint8 (N, 3, H, W) in,
             (N, F) out, with a ``num_features`` attribute), e.g. for tests or non-natural images.
     """
@@ -105,11 +227,25 @@ class EvaluationCallback(L.Callback):
         ode_rtol: float = 1e-5,
         ode_atol: float = 1e-5,
         ode_solve_batch_size: int | None = None,
+        ode_time_variable: str = DEFAULT_TIME_VARIABLE,
+        cache_dir: str | None = None,
         progress: bool = True,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}.")
+        if ode_time_variable not in TIME_VARIABLES:
+            raise ValueError(
+                f"ode_time_variable must be one of {', '.join(map(repr, TIME_VARIABLES))}, got {ode_time_variable!r}."
+            )
+        self.ode_time_variable, self.cache_dir = ode_time_variable, cache_dir
+        self.per_image: dict[str, dict[str, float]] = {}
+        self._cache: _ResultCache | None = None
+        self._stage = "test"
+        self._is_global_zero = True
+        self._ode_total = 0
+        self._ode_computed, self._ode_compute_seconds, self._ode_started = 0, 0.0, 0.0
+        self._occurrences: dict[str, int] = {}
         self.ode_images, self.ode_draws, self.ode_rtol, self.ode_atol = ode_images, ode_draws, ode_rtol, ode_atol
         self.ode_probes, self.ode_exact_divergence = ode_probes, ode_exact_divergence
         self.ode_solve_batch_size, self.sampler = ode_solve_batch_size, sampler
@@ -166,6 +302,69 @@ class EvaluationCallback(L.Callback):
         self._seen, self._ode_seen, self._ode_seconds, self._sample_y = 0, 0, [], []
         for metric in [*self.metrics.values(), *self._own_metrics()]:
             metric.reset()
+        self._stage, self._is_global_zero = stage, trainer.is_global_zero
+        self.per_image, self._occurrences, self._cache = {}, {}, None
+        self._ode_computed, self._ode_compute_seconds, self._ode_started = 0, 0.0, time.perf_counter()
+        planned = _planned_images(trainer, stage)
+        self._ode_total = min(self.ode_images, self.num_images, planned if planned is not None else self.ode_images)
+
+    # ------------------------------------------------------------------ per-image keys, the cache, seeds
+    def _keys(self, images: Tensor, y: Tensor | None) -> list[str]:
+        """One key per image: a hash of its uint8 bytes (and of its conditioning input), with the number of earlier
+        images of this stage on this rank with the same bytes, so repeated images stay distinct."""
+        keys = []
+        images_cpu = images.detach().cpu().contiguous()
+        y_cpu = None if y is None else y.detach().cpu().contiguous()
+        for i in range(images_cpu.shape[0]):
+            digest = hashlib.sha256(images_cpu[i].numpy().tobytes())
+            if y_cpu is not None:
+                digest.update(y_cpu[i].reshape(-1).view(torch.uint8).numpy().tobytes())
+            base = digest.hexdigest()[:32]
+            count = self._occurrences.get(base, 0)
+            self._occurrences[base] = count + 1
+            keys.append(f"{base}-{count}")
+        return keys
+
+    def _settings(self, trainer_precision: str, stage: str) -> dict:
+        """Everything besides the weights that the per-image values depend on (the cache's fingerprint)."""
+        return {
+            "format": _CACHE_FORMAT,
+            "stage": stage,
+            "num_times": self.num_times,
+            "ode_draws": self.ode_draws,
+            "ode_probes": self.ode_probes,
+            "ode_exact_divergence": self.ode_exact_divergence,
+            "ode_rtol": self.ode_rtol,
+            "ode_atol": self.ode_atol,
+            "ode_solve_batch_size": self.ode_solve_batch_size,
+            "ode_time_variable": self.ode_time_variable,
+            "precision": trainer_precision,
+        }
+
+    def _open_cache(self, pl_module: DiffusionTask) -> _ResultCache:
+        """This stage's cache: on disk under ``cache_dir/<fingerprint>`` in test with a ``cache_dir``, else in memory.
+        Opened at the first batch, after every callback's epoch-start hook (an EMA swap) has run."""
+        if self._cache is None:
+            root = None
+            if self.cache_dir is not None and self._stage == "test":
+                trainer = pl_module.trainer
+                settings = self._settings(str(trainer.precision), self._stage)
+                root = Path(self.cache_dir) / _fingerprint(pl_module.model, settings)
+            self._cache = _ResultCache(root, pl_module.global_rank)
+            if root is not None and (self._cache.dense or self._cache.ode):
+                rank_zero_info(
+                    f"EvaluationCallback: {len(self._cache.dense)} dense and {len(self._cache.ode)} ODE per-image "
+                    f"results found in {root}; they are not computed again."
+                )
+        return self._cache
+
+    def _seeded(self, what: str, keys: list[str], device: torch.device) -> contextlib.AbstractContextManager:
+        """With an on-disk cache: the global random state seeded from the fingerprint, ``what`` and the images' keys
+        for the duration (restored after), so a batch draws the same noise whether or not a run was interrupted."""
+        assert self._cache is not None
+        if self._cache.root is None:
+            return contextlib.nullcontext()
+        return _seeded_rng(f"{self._cache.root.name}/{what}/{','.join(keys)}", device)
 
     def _batch(self, pl_module: DiffusionTask, batch: Tensor | tuple) -> None:
         if not self._active or self._seen >= self.num_images:
@@ -174,41 +373,101 @@ class EvaluationCallback(L.Callback):
         images = images[: self.num_images - self._seen]
         y = None if y is None else y[: images.shape[0]]
         self._seen += images.shape[0]
-        bound = dense_elbo(pl_module.model, images, y, num_times=self.num_times)
-        self._dense_bpd.update(pl_module.model.bpd(bound.total))
+        keys, cache = self._keys(images, y), self._open_cache(pl_module)
+        missing = [i for i, key in enumerate(keys) if key not in cache.dense]
+        if missing:
+            rows = torch.tensor(missing, device=images.device)
+            with self._seeded("dense", [keys[i] for i in missing], images.device):
+                bound = dense_elbo(pl_module.model, images[rows], None if y is None else y[rows], self.num_times)
+            values = pl_module.model.bpd(bound.total).tolist()
+            cache.save("dense", {keys[i]: v for i, v in zip(missing, values, strict=True)})
+        dense = [cache.dense[key] for key in keys]
+        self._dense_bpd.update(torch.tensor(dense, device=pl_module.device))
+        for key, value in zip(keys, dense, strict=True):
+            self.per_image.setdefault(key, {})["dense_bpd"] = value
         for metric in self.metrics.values():
             metric.update(_rgb(images), real=True)
         if y is not None:
             self._sample_y.append(y)
-        self._ode_batch(pl_module, images, y)
+        self._ode_batch(pl_module, images, y, keys, cache)
 
-    def _ode_batch(self, pl_module: DiffusionTask, images: Tensor, y: Tensor | None) -> None:
+    def _ode_batch(
+        self, pl_module: DiffusionTask, images: Tensor, y: Tensor | None, keys: list[str], cache: _ResultCache
+    ) -> None:
+        """The ODE bound of this batch's first images up to ``ode_images`` (per process); images with results in the
+        cache are not solved again."""
         if self._ode_seen >= self.ode_images:
             return
-        # The ODE's divergence needs autograd, which Lightning's evaluation loops switch off.
-        with torch.inference_mode(False), torch.enable_grad():
-            count = self.ode_images - self._ode_seen
-            images, y = images[:count].clone(), None if y is None else y[:count].clone()
-            self._ode_seen += images.shape[0]
-            result = ode_likelihood(
-                pl_module.model,
-                images,
-                y,
-                num_draws=self.ode_draws,
-                num_probes=self.ode_probes,
-                exact_divergence=self.ode_exact_divergence,
-                rtol=self.ode_rtol,
-                atol=self.ode_atol,
-                solve_batch_size=self.ode_solve_batch_size,
-                progress=self.progress,
-            )
-        self._ode_bpd.update(result.bpd.detach())
+        count = self.ode_images - self._ode_seen
+        images, y, keys = images[:count], None if y is None else y[:count], keys[:count]
+        self._ode_seen += images.shape[0]
+        missing = [i for i, key in enumerate(keys) if key not in cache.ode]
+        if missing:
+            start = time.perf_counter()
+            rows = torch.tensor(missing, device=images.device)
+            # The ODE's divergence needs autograd, which Lightning's evaluation loops switch off.
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                self._seeded("ode", [keys[i] for i in missing], images.device),
+            ):
+                result = ode_likelihood(
+                    pl_module.model,
+                    images[rows].clone(),
+                    None if y is None else y[rows].clone(),
+                    num_draws=self.ode_draws,
+                    num_probes=self.ode_probes,
+                    exact_divergence=self.ode_exact_divergence,
+                    rtol=self.ode_rtol,
+                    atol=self.ode_atol,
+                    solve_batch_size=self.ode_solve_batch_size,
+                    progress=self.progress and self._is_global_zero,
+                    time_variable=self.ode_time_variable,
+                )
+            columns = {
+                "ode_bpd": result.bpd.tolist(),
+                "ode_iw_bpd": result.iw_bpd.tolist(),
+                "ode_iw_bias_bpd": pl_module.model.bpd(result.iw_bias_nats).tolist(),
+                "ode_nfe": result.nfe.float().tolist(),
+            }
+            entries = {}
+            for j, i in enumerate(missing):
+                entries[keys[i]] = {name: values[j] for name, values in columns.items()}
+                entries[keys[i]]["ode_seconds"] = result.seconds_per_image
+            cache.save("ode", entries)
+            self._ode_computed += len(missing)
+            self._ode_compute_seconds += time.perf_counter() - start
+        results = [cache.ode[key] for key in keys]
+        for key, entry in zip(keys, results, strict=True):
+            self.per_image.setdefault(key, {}).update(entry)
+
+        def column(name: str) -> Tensor:
+            return torch.tensor([entry[name] for entry in results], device=pl_module.device)
+
+        self._ode_bpd.update(column("ode_bpd"))
         if self._reports_iw:
-            self._ode_iw_bpd.update(result.iw_bpd.detach())
+            self._ode_iw_bpd.update(column("ode_iw_bpd"))
             if self.ode_probes > 1:  # one probe shows no spread: the bias is unknown (NaN)
-                self._ode_iw_bias.update(pl_module.model.bpd(result.iw_bias_nats).detach())
-        self._ode_nfe.update(result.nfe.detach().float())
-        self._ode_seconds.append(result.seconds_per_image)
+                self._ode_iw_bias.update(column("ode_iw_bias_bpd"))
+        self._ode_nfe.update(column("ode_nfe"))
+        self._ode_seconds.extend(entry["ode_seconds"] for entry in results)
+        self._report_progress(len(keys) - len(missing))
+
+    def _report_progress(self, reused: int) -> None:
+        """Rank zero, with ``progress``: ODE images done / total on this rank, time spent, and an estimate of the
+        time left (the mean time of the images computed so far, times the images left)."""
+        if not (self.progress and self._is_global_zero):
+            return
+        done, total = self._ode_seen, max(self._ode_total, self._ode_seen)
+        elapsed = time.perf_counter() - self._ode_started
+        line = f"ODE likelihood: {done}/{total} images"
+        if reused:
+            line += f" ({reused} of this batch from the cache)"
+        line += f", {_duration(elapsed)} elapsed"
+        if self._ode_computed:  # the ODE's mean time per image so far (the dense ELBO's is small beside it)
+            left = (total - done) * self._ode_compute_seconds / self._ode_computed
+            line += f", about {_duration(left)} left"
+        rank_zero_info(line)
 
     def _end(self, trainer: L.Trainer, pl_module: DiffusionTask, stage: str) -> None:
         if not self._active:
@@ -282,9 +541,10 @@ class PicturesCallback(L.Callback):
       per-dimension schedules the log-SNR maps of ``num_maps`` validation images and the variance of the SNR across
       latents against ``t``. Needs a :class:`~lightning.pytorch.loggers.TensorBoardLogger` (otherwise skipped).
     - After ``test`` (``test_pictures``), as PNG files in ``<log_dir>/pictures/``: ``samples.png``, and for
-      per-dimension schedules ``schedule_maps.png`` (the log-SNR maps of ``num_maps`` test images side by side at
-      several ``t``, on one colour scale), ``log_snr_spread.png`` and ``log_snr_spread.txt`` (the spread of the
-      learned log-SNR across up to ``num_spread`` test images and within each image, against ``t``, in nats).
+      per-dimension schedules ``schedule_maps.png`` (the log-SNR maps of ``num_maps`` test images, evenly spaced
+      among the first ``num_spread``, side by side at several ``t``, one colour scale per ``t``),
+      ``log_snr_spread.png`` and ``log_snr_spread.txt`` (the spread of the learned log-SNR across up to
+      ``num_spread`` test images and within each image, against ``t``, in nats).
     """
 
     def __init__(
@@ -343,7 +603,8 @@ class PicturesCallback(L.Callback):
             images = torch.cat(self._test_images).to(pl_module.device)
             import matplotlib.pyplot as plt
 
-            maps = schedule_maps(model, images[: self.num_maps], times=(0.2, 0.4, 0.6, 0.8))
+            chosen = torch.linspace(0, images.shape[0] - 1, min(self.num_maps, images.shape[0])).round().long()
+            maps = schedule_maps(model, images[chosen.to(images.device)], times=(0.2, 0.4, 0.6, 0.8))
             maps.savefig(folder / "schedule_maps.png", dpi=110)
             figure, times, across, within, adaptive = log_snr_spread(model, images[: self.num_spread])
             figure.savefig(folder / "log_snr_spread.png", dpi=110)
