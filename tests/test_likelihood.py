@@ -50,11 +50,11 @@ class GaussianDenoiser(nn.Module):
         self.register_buffer("cov", cov)
 
     def forward(self, x_t: Tensor, gamma: Tensor, z: Tensor | None = None) -> Tensor:
-        b = x_t.shape[0]
-        gamma = gamma.to(x_t.dtype).expand_as(x_t).reshape(b, D)
+        b, d = x_t.shape[0], self.cov.shape[0]
+        gamma = gamma.to(x_t.dtype).expand_as(x_t).reshape(b, d)
         sigma2, alpha = torch.sigmoid(gamma), torch.sigmoid(-gamma).sqrt()
         cov_t = alpha[:, :, None] * self.cov.to(x_t.dtype) * alpha[:, None, :] + torch.diag_embed(sigma2)
-        return (sigma2.sqrt() * torch.linalg.solve(cov_t, x_t.reshape(b, D, 1)).squeeze(-1)).view_as(x_t)
+        return (sigma2.sqrt() * torch.linalg.solve(cov_t, x_t.reshape(b, d, 1)).squeeze(-1)).view_as(x_t)
 
 
 def _per_dimension_schedule(seed: int = 0) -> Polynomial:

@@ -22,6 +22,7 @@ from mulan.model import DiffusionModel
 from mulan.networks import UNet
 from mulan.processes import Context
 from mulan.schedules import FixedLinear, NoiseSchedule, Polynomial
+from test_likelihood import GaussianDenoiser  # the Bayes-optimal denoiser of Gaussian data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -29,22 +30,6 @@ SHAPE = (2, 2, 2)
 D = 8
 S = torch.logspace(math.log10(0.3), math.log10(2.0), D, dtype=torch.float64)  # anisotropic standard deviations
 GAMMA_MAX_LARGE = 15.0  # the N(0, I) prior is then the true marginal at t = 1
-
-
-class GaussianDenoiser(nn.Module):
-    """Bayes-optimal ``eps_hat = S (A Sigma A + S^2)^-1 x_t`` for ``x ~ N(0, Sigma)`` and diagonal ``A = alpha``,
-    ``S = sigma`` (scalar or per-dimension ``gamma``); ``x_t``: (B, *SHAPE)."""
-
-    def __init__(self, cov: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("cov", cov)
-
-    def forward(self, x_t: Tensor, gamma: Tensor, z: Tensor | None = None) -> Tensor:
-        b = x_t.shape[0]
-        gamma = gamma.to(x_t.dtype).expand_as(x_t).reshape(b, D)
-        sigma2, alpha = torch.sigmoid(gamma), torch.sigmoid(-gamma).sqrt()
-        cov_t = alpha[:, :, None] * self.cov.to(x_t.dtype) * alpha[:, None, :] + torch.diag_embed(sigma2)
-        return (sigma2.sqrt() * torch.linalg.solve(cov_t, x_t.reshape(b, D, 1)).squeeze(-1)).view_as(x_t)
 
 
 def _random_polynomial(seed: int, reduce: str) -> Polynomial:
