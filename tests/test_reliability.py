@@ -28,6 +28,7 @@ from packaging.version import Version
 from mulan import elbo
 from mulan.cli import main
 from mulan.latents import NoLatent
+from mulan.lightning.callbacks import EvaluationCallback
 from mulan.lightning.data import SyntheticDataModule
 from mulan.lightning.optim import AdamW, LinearWarmup
 from mulan.lightning.task import DiffusionTask
@@ -227,7 +228,39 @@ def _ddp_worker(out: str) -> None:
     for n in (12, 11):
         tester.test(module, datamodule=SyntheticDataModule(SHAPE, num_eval=n, eval_batch_size=4), verbose=False)
         results[f"test_{n}"] = module.test_results
+    # (d) the evaluation callback (dense ELBO and ODE bound, per image) over 11 images, one per batch
+    callback = _evaluation_callback(out_dir / f"cache_{rank}", ode_images=2)
+    L.Trainer(**ddp, callbacks=[callback]).test(module, datamodule=_eval_data(), verbose=False)
+    results["per_image"] = callback.per_image
+    results["eval_logged"] = {k: float(v) for k, v in callback_metrics(module).items()}
     torch.save(results, out_dir / f"ddp_{rank}.pt")
+
+
+EVAL_IMAGES = 11
+
+
+def _evaluation_callback(cache_dir: Path, ode_images: int) -> EvaluationCallback:
+    """Dense ELBO of every image and the ODE bound of the first ``ode_images`` (per process), with a cache, so
+    each batch's draws come from a seed of its images' keys: one image per batch makes them a function of the
+    image alone, whichever rank or position it has."""
+    return EvaluationCallback(
+        num_images=EVAL_IMAGES,
+        num_times=4,
+        fid=False,
+        ode_images=ode_images,
+        ode_rtol=1e-3,
+        ode_atol=1e-3,
+        cache_dir=str(cache_dir),
+        progress=False,
+    )
+
+
+def _eval_data() -> SyntheticDataModule:
+    return SyntheticDataModule(SHAPE, num_eval=EVAL_IMAGES, eval_batch_size=1)
+
+
+def callback_metrics(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.trainer.callback_metrics.items() if "dense" in k or "ode" in k}
 
 
 def _free_port() -> int:
@@ -333,6 +366,38 @@ def test_ddp_test_metric_equals_one_process(ddp_results: dict, n: int) -> None:
             mean, stderr = results[name]
             assert mean == pytest.approx(values.mean().item(), rel=1e-6, abs=1e-9)
             assert stderr == pytest.approx((values.std() / math.sqrt(n)).item(), rel=1e-5, abs=1e-9)
+
+
+def test_ddp_evaluation_callback_counts_every_image_once_with_one_process_values(
+    ddp_results: dict, tmp_path: Path
+) -> None:
+    """The evaluation callback on 2 ranks (11 images: 6 and 5, the unrepeated sampler pads none): the ranks' images
+    are disjoint and together the 11 test images; each image's dense bits/dim and ODE figures equal one process's
+    values for it (one image per batch: its draws are seeded by its key, so they do not depend on the rank), and the
+    logged means, synced over the ranks, are one process's means over the same images (the ODE's over the 4 images
+    the ranks solved, 2 each)."""
+    ranks = [rank["per_image"] for rank in ddp_results["ddp"]]
+    assert [len(r) for r in ranks] == [6, 5] and not ranks[0].keys() & ranks[1].keys()
+    module = _reference_module(ddp_results["ddp"][0]["final"])
+    callback = _evaluation_callback(tmp_path / "cache", ode_images=EVAL_IMAGES)
+    L.Trainer(**TRAINER, callbacks=[callback]).test(module, datamodule=_eval_data(), verbose=False)
+    single = callback.per_image
+    assert single.keys() == ranks[0].keys() | ranks[1].keys()
+    solved = [key for rank in ranks for key, values in rank.items() if "ode_bpd" in values]
+    assert len(solved) == 4
+    for rank in ranks:
+        for key, values in rank.items():
+            for name, value in values.items():
+                if name != "ode_seconds":
+                    assert value == pytest.approx(single[key][name], rel=1e-5, abs=1e-6), (key, name)
+    dense = torch.tensor([values["dense_bpd"] for values in single.values()], dtype=torch.float64)
+    ode = torch.tensor([single[key]["ode_bpd"] for key in solved], dtype=torch.float64)
+    for rank in ddp_results["ddp"]:
+        logged = rank["eval_logged"]
+        assert logged["test/dense_images"] == EVAL_IMAGES
+        assert logged["test/dense_bpd"] == pytest.approx(dense.mean().item(), rel=1e-5)
+        assert logged["test/dense_bpd_stderr"] == pytest.approx((dense.std() / math.sqrt(11)).item(), rel=1e-4)
+        assert logged["test/ode_bpd"] == pytest.approx(ode.mean().item(), rel=1e-5)
 
 
 # =========================================================================== 3. bad input
