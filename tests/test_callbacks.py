@@ -268,3 +268,42 @@ def test_digits_feature_network_separates_digits_from_noise(tmp_path: Path) -> N
 
     noise = torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert fid(val) * 5 < fid(noise)  # (FID of two 180-image sets is biased upwards: ~26 here)
+
+
+def test_photo_regions_name_the_photo_and_grid_cell_of_each_crop() -> None:
+    from mulan.lightning.features import photo_regions
+
+    labels = photo_regions(16)  # each photo: 26 rows x 40 columns of crops, a 4 x 4 grid of cells over them
+    assert labels.shape == (2 * 26 * 40,)
+    assert labels[0] == 0 and labels[39] == 3  # china.jpg: top-left crop in cell (0, 0), top-right in (0, 3)
+    assert labels[25 * 40] == 12 and labels[1039] == 15  # bottom-left (3, 0), bottom-right (3, 3)
+    assert labels[1040] == 16 and labels[-1] == 31  # flower.jpg: cells 16..31
+    assert labels[6 * 40 + 9] == 0 and labels[7 * 40 + 10] == 5  # cell edges: rows 26 * k / 4, columns 10 * k
+    assert set(labels.bincount().tolist()) == {7 * 10, 6 * 10}  # cells of 7 or 6 rows, 10 columns
+
+
+def test_photo_feature_network_learns_the_crops_regions_and_separates_photos_from_noise(tmp_path: Path) -> None:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from mulan.lightning.features import PhotoFeatures
+
+    path = tmp_path / "photo_features.pt"
+    features = PhotoFeatures(str(path), epochs=4)
+    assert features.test_accuracy > 0.15  # held-out crops, 32 classes: chance is 1/32
+    reloaded = PhotoFeatures(str(path), train_if_missing=False)
+    with pytest.raises(FileNotFoundError, match="train_if_missing"):
+        PhotoFeatures(str(tmp_path / "missing.pt"), train_if_missing=False)
+    data = EmbeddedDataModule(source="photos", batch_size=208)
+    data.setup(None)
+    val, test = next(iter(data.val_dataloader())), next(iter(data.test_dataloader()))
+    torch.testing.assert_close(reloaded(test), features(test))  # the saved weights round-trip
+
+    def fid(fake: torch.Tensor) -> float:
+        metric = FrechetInceptionDistance(feature=features)
+        metric.update(test, real=True)
+        metric.update(fake, real=False)
+        return metric.compute().item()
+
+    noise = torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shuffled = test.flatten(1)[:, torch.randperm(3 * 16 * 16, generator=torch.Generator().manual_seed(0))]
+    assert fid(val) * 5 < fid(noise) and fid(val) * 2 < fid(shuffled.reshape(test.shape))

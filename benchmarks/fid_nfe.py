@@ -1,0 +1,194 @@
+"""FID against network evaluations (NFE): DPM-Solver++ (2M) at a few dozen steps against the ancestral sampler at
+256 and 1000 steps, on trained checkpoints, with feature networks that run offline.
+
+The features follow the checkpoint's data: :class:`~mulan.lightning.features.DigitsFeatures` (a digits classifier)
+for 1x8x8 images, :class:`~mulan.lightning.features.PhotoFeatures` (a classifier of which photo and region a crop
+comes from) for the photo crops. Real features: the checkpoint's train split. Every sampler draws the same number of
+images (FID is biased upwards at small N, equally for every row), and DPM-Solver at ``--noise-steps`` is repeated
+with ``--noise-seeds`` seeds to show how much FID moves with the draw alone. A floor row gives the FID of the test
+split (real images, fewer of them) against the same real features.
+
+    python benchmarks/fid_nfe.py runs/study/colour/mulan/seed0/every/step=2000.ckpt --name photos_mulan
+    python benchmarks/fid_nfe.py <digits checkpoint> --name digits_mulan --samples 1000
+
+Results are cached per (name, sampler, steps, seed) in ``benchmarks/results/fid_nfe.json`` (a run resumes);
+``--report-only`` prints the table and draws ``docs/figures/fid_nfe.png`` from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "fid_nfe.json"
+FIGURE = ROOT / "docs" / "figures" / "fid_nfe.png"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def feature_network(image_shape: tuple[int, int, int]) -> nn.Module:
+    """The offline feature network for images of ``image_shape`` (C, H, W)."""
+    from mulan.lightning.features import DigitsFeatures, PhotoFeatures
+
+    if image_shape[0] == 1:
+        return DigitsFeatures(str(ROOT / "runs" / "digits_features.pt"))
+    return PhotoFeatures(str(ROOT / "runs" / f"photo_features_{image_shape[-1]}.pt"), image_size=image_shape[-1])
+
+
+def rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def draw(model, sampler: str, steps: int, count: int, batch: int, seed: int) -> tuple[torch.Tensor, float]:
+    """``count`` samples (uint8) with ``sampler`` at ``steps``, all randomness from ``seed``; and the seconds."""
+    from mulan.sampling import SAMPLERS
+
+    generator = torch.Generator().manual_seed(seed)
+    start, parts = time.perf_counter(), []
+    for first in range(0, count, batch):
+        n = min(batch, count - first)
+        parts.append(SAMPLERS[sampler](model, n, steps=steps, generator=generator).samples)
+    return torch.cat(parts), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", type=Path, nargs="?", help="a trained checkpoint (EMA weights)")
+    parser.add_argument("--name", help="the row label in the results (e.g. photos_mulan)")
+    parser.add_argument("--samples", type=int, default=500, help="generated images per sampler setting")
+    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--dpm", type=int, nargs="*", default=[10, 15, 25, 50], help="DPM-Solver++ steps (= NFE)")
+    parser.add_argument("--ancestral", type=int, nargs="*", default=[256, 1000], help="ancestral steps (= NFE)")
+    parser.add_argument("--noise-steps", type=int, default=25, help="DPM-Solver steps repeated over seeds")
+    parser.add_argument("--noise-seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if not args.report_only:
+        if args.ckpt is None or args.name is None:
+            parser.error("a checkpoint and --name are needed (or --report-only)")
+        torch.set_num_threads(args.threads)
+        run(args, results.setdefault(args.name, {}), lambda: RESULTS.write_text(json.dumps(results, indent=1)))
+    print(table(results))
+    plot(results)
+
+
+def run(args: argparse.Namespace, entry: dict, save) -> None:
+    from study import _instantiate
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from mulan.lightning import DiffusionTask
+    from mulan.lightning.checkpoint_io import load_checkpoint
+
+    task = DiffusionTask.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
+    data = _instantiate(load_checkpoint(str(args.ckpt))["datamodule_hyper_parameters"])
+    data.setup(None)
+    train, test = (
+        torch.cat([b if torch.is_tensor(b) else b[0] for b in loader])
+        for loader in (data.train_dataloader(), data.test_dataloader())
+    )
+    features = feature_network(tuple(task.model.image_shape))
+    metric = FrechetInceptionDistance(feature=features, reset_real_features=False)
+    metric.update(rgb(train), real=True)
+    entry["settings"] = {
+        "ckpt": str(args.ckpt),
+        "samples": args.samples,
+        "real": len(train),
+        "features": type(features).__name__,
+        "feature_test_accuracy": features.test_accuracy,
+    }
+
+    def fid(fake: torch.Tensor) -> float:
+        metric.reset()  # keeps the real features
+        metric.update(rgb(fake), real=False)
+        return metric.compute().item()
+
+    if "floor" not in entry:
+        entry["floor"] = {"fid": fid(test), "images": len(test)}
+        save()
+    plan = [("dpm_solver", s, 0) for s in args.dpm]
+    plan += [("dpm_solver", args.noise_steps, seed) for seed in range(1, args.noise_seeds)]
+    plan += [("ancestral", s, 0) for s in args.ancestral]
+    for sampler, steps, seed in plan:
+        key = f"{sampler}-{steps}-seed{seed}"
+        if key in entry:
+            continue
+        with torch.no_grad():
+            samples, seconds = draw(task.model, sampler, steps, args.samples, args.batch, seed)
+        entry[key] = {"sampler": sampler, "nfe": steps, "seed": seed, "fid": fid(samples), "seconds": seconds}
+        save()
+        print(f"{args.name} {key}: FID {entry[key]['fid']:.3f} ({seconds:.0f} s)", flush=True)
+
+
+def rows(entry: dict, sampler: str) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for value in entry.values():
+        if isinstance(value, dict) and value.get("sampler") == sampler:
+            out.setdefault(value["nfe"], []).append(value["fid"])
+    return dict(sorted(out.items()))
+
+
+def table(results: dict) -> str:
+    lines = []
+    for name, entry in results.items():
+        settings = entry.get("settings", {})
+        lines += [
+            f"\n{name}: {settings.get('samples')} samples per row vs {settings.get('real')} real train images, "
+            f"{settings.get('features')} (test accuracy {settings.get('feature_test_accuracy', float('nan')):.3f})",
+            "| sampler | NFE | FID | vs ancestral-256 |",
+            "|---|---|---|---|",
+        ]
+        reference = rows(entry, "ancestral").get(256, [float("nan")])[0]
+        for sampler in ("dpm_solver", "ancestral"):
+            for nfe, fids in rows(entry, sampler).items():
+                t = torch.tensor(fids)
+                spread = f" ± {t.std().item():.2f} ({len(fids)} seeds)" if len(fids) > 1 else ""
+                lines.append(
+                    f"| {sampler} | {nfe} | {t.mean().item():.2f}{spread} | "
+                    f"{100 * (t.mean().item() / reference - 1):+.0f}% |"
+                )
+        if "floor" in entry:
+            floor = entry["floor"]
+            lines.append(f"| test split (real, {floor['images']} images) | — | {floor['fid']:.2f} | |")
+    return "\n".join(lines)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], results.items(), strict=True):
+        dpm, anc = rows(entry, "dpm_solver"), rows(entry, "ancestral")
+        ax.plot(list(dpm), [sum(v) / len(v) for v in dpm.values()], "o-", label="DPM-Solver++ 2M")
+        for nfe, fids in dpm.items():
+            if len(fids) > 1:
+                ax.plot([nfe] * len(fids), fids, "k.", ms=4)
+        ax.plot(list(anc), [v[0] for v in anc.values()], "s--", label="ancestral")
+        if 256 in anc:
+            ax.axhspan(anc[256][0] * 0.9, anc[256][0] * 1.1, color="C1", alpha=0.15, label="ancestral-256 ± 10%")
+        if "floor" in entry:
+            ax.axhline(entry["floor"]["fid"], color="gray", ls=":", label=f"test split ({entry['floor']['images']})")
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample (NFE)")
+        ax.set_ylabel(f"FID ({entry.get('settings', {}).get('features', '?')})")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
