@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from mulan.cli import build_cli, main
@@ -171,7 +172,8 @@ def test_conditional_fit_and_test_round_trip_through_the_cli(tmp_path: Path) -> 
     main(["fit", "--config", str(CONF / "cvdm_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)])
     ckpt = sorted(tmp_path.rglob("*.ckpt"))[-1]
     args = ["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    cli = build_cli([*args, "--trainer.default_root_dir", str(tmp_path)])
+    pictures = ["--trainer.callbacks+=mulan.lightning.callbacks.PicturesCallback", "--trainer.callbacks.sample_steps=4"]
+    cli = build_cli([*args, *pictures, "--trainer.callbacks.num_maps=2", "--trainer.default_root_dir", str(tmp_path)])
     assert isinstance(cli.model.model.process, CVDM)
     assert isinstance(cli.datamodule, SuperResolutionDataModule) and cli.datamodule.factor == 4
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -185,3 +187,6 @@ def test_conditional_fit_and_test_round_trip_through_the_cli(tmp_path: Path) -> 
     x, y = next(iter(cli.datamodule.test_dataloader()))
     grid = superresolution_grid(cli.model.model.eval(), x[:2], y[:2], num_samples=2, steps=4)
     assert grid.dtype == torch.uint8 and grid.shape == (3, 2 * 17 + 1, 4 * 17 + 1)
+    with Image.open(tmp_path / "pictures" / "conditional_samples.png") as picture:  # 2 rows: y, 3 samples, x; 3x
+        assert picture.size == (3 * (5 * 17 + 1), 3 * (2 * 17 + 1))
+    assert not (tmp_path / "pictures" / "samples.png").exists()  # no unconditional samples of a p(x | y) model

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.aggregation import CatMetric
 
-from mulan.figures import image_grid, log_snr_spread, schedule_maps, snr_variance
+from mulan.figures import image_grid, log_snr_spread, schedule_maps, snr_variance, superresolution_grid
 from mulan.lightning.task import DiffusionTask, split_batch
 from mulan.likelihood import DEFAULT_TIME_VARIABLE, dense_elbo, ode_likelihood
 from mulan.ode import TIME_VARIABLES
@@ -544,7 +544,10 @@ class PicturesCallback(L.Callback):
       per-dimension schedules ``schedule_maps.png`` (the log-SNR maps of ``num_maps`` test images, evenly spaced
       among the first ``num_spread``, side by side at several ``t``, one colour scale per ``t``),
       ``log_snr_spread.png`` and ``log_snr_spread.txt`` (the spread of the learned log-SNR across up to
-      ``num_spread`` test images and within each image, against ``t``, in nats).
+      ``num_spread`` test images and within each image, against ``t``, in nats). For a conditional model
+      (batches ``(x, y)``, e.g. CVDM's super-resolution) ``conditional_samples.png`` replaces ``samples.png``: one
+      row per test image (``num_maps`` of them, evenly spaced among the first ``num_spread``), the input ``y``
+      upscaled, three samples of ``x`` given ``y`` and the truth (:func:`~mulan.figures.superresolution_grid`).
     """
 
     def __init__(
@@ -563,6 +566,7 @@ class PicturesCallback(L.Callback):
         self._validations = 0
         self._images: Tensor | None = None
         self._test_images: list[Tensor] = []
+        self._test_y: list[Tensor] = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0:
@@ -583,12 +587,16 @@ class PicturesCallback(L.Callback):
             writer.add_figure("schedule/snr_variance_across_latents", snr_variance(model)[0], step)
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._test_images = []
+        self._test_images, self._test_y = [], []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         held = sum(images.shape[0] for images in self._test_images)
-        if self.test_pictures and held < max(self.num_spread, self.num_maps):
-            self._test_images.append(split_batch(batch)[0][: max(self.num_spread, self.num_maps) - held].cpu())
+        wanted = max(self.num_spread, self.num_maps) - held
+        if self.test_pictures and wanted > 0:
+            images, y = split_batch(batch)
+            self._test_images.append(images[:wanted].cpu())
+            if y is not None:
+                self._test_y.append(y[:wanted].cpu())
 
     @torch.no_grad()
     def on_test_end(self, trainer: L.Trainer, pl_module: DiffusionTask) -> None:  # type: ignore[override]
@@ -597,6 +605,16 @@ class PicturesCallback(L.Callback):
         folder = Path(trainer.log_dir or ".") / PICTURES_DIR
         folder.mkdir(parents=True, exist_ok=True)
         model = pl_module.model
+        if self._test_y:  # a conditional model: samples given test inputs (images y: the grid shows them)
+            if self._test_y[0].dim() != 4:
+                rank_zero_info("PicturesCallback: the conditioning input is not an image; no test pictures.")
+                return
+            images, y = torch.cat(self._test_images), torch.cat(self._test_y)
+            chosen = torch.linspace(0, images.shape[0] - 1, min(self.num_maps, images.shape[0])).round().long()
+            grid = superresolution_grid(model, images[chosen], y[chosen], num_samples=3, steps=self.sample_steps)
+            _save_png(grid, folder / "conditional_samples.png")
+            rank_zero_info(f"Wrote test pictures to {folder}/")
+            return
         samples = ancestral_sample(model, self.num_samples, steps=self.sample_steps).samples.cpu()
         _save_png(image_grid(samples), folder / "samples.png")
         if model.process.multivariate and self._test_images:
