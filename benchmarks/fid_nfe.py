@@ -1,5 +1,6 @@
-"""FID against network evaluations (NFE): DPM-Solver++ (2M) at a few dozen steps against the ancestral sampler at
-256 and 1000 steps, on trained checkpoints, with feature networks that run offline.
+"""FID against network evaluations (NFE): DPM-Solver++ (2M), deterministic and stochastic (SDE), at a few dozen
+steps against the ancestral sampler (25 to 1000 steps), on trained checkpoints, with feature networks that run
+offline.
 
 The features follow the checkpoint's data: :class:`~mulan.lightning.features.DigitsFeatures` (a digits classifier)
 for 1x8x8 images, :class:`~mulan.lightning.features.PhotoFeatures` (a classifier of which photo and region a crop
@@ -64,7 +65,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500, help="generated images per sampler setting")
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--dpm", type=int, nargs="*", default=[10, 15, 25, 50], help="DPM-Solver++ steps (= NFE)")
-    parser.add_argument("--ancestral", type=int, nargs="*", default=[256, 1000], help="ancestral steps (= NFE)")
+    parser.add_argument("--sde", type=int, nargs="*", default=[10, 15, 25, 50], help="SDE-DPM-Solver++ steps (= NFE)")
+    parser.add_argument("--ancestral", type=int, nargs="*", default=[25, 50, 256, 1000], help="ancestral steps (= NFE)")
     parser.add_argument("--noise-steps", type=int, default=25, help="DPM-Solver steps repeated over seeds")
     parser.add_argument("--noise-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -75,7 +77,15 @@ def main() -> None:
         if args.ckpt is None or args.name is None:
             parser.error("a checkpoint and --name are needed (or --report-only)")
         torch.set_num_threads(args.threads)
-        run(args, results.setdefault(args.name, {}), lambda: RESULTS.write_text(json.dumps(results, indent=1)))
+        entry = results.setdefault(args.name, {})
+
+        def save() -> None:  # this run's entry into the file as it is now (runs of other names may write it too)
+            current = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+            current[args.name] = entry
+            RESULTS.write_text(json.dumps(current, indent=1))
+            results.update(current)
+
+        run(args, entry, save)
     print(table(results))
     plot(results)
 
@@ -115,7 +125,8 @@ def run(args: argparse.Namespace, entry: dict, save) -> None:
         save()
     plan = [("dpm_solver", s, 0) for s in args.dpm]
     plan += [("dpm_solver", args.noise_steps, seed) for seed in range(1, args.noise_seeds)]
-    plan += [("ancestral", s, 0) for s in args.ancestral]
+    plan += [("dpm_solver_sde", s, 0) for s in args.sde]
+    plan += [("ancestral", s, 0) for s in sorted(args.ancestral)]
     for sampler, steps, seed in plan:
         key = f"{sampler}-{steps}-seed{seed}"
         if key in entry:
@@ -146,7 +157,7 @@ def table(results: dict) -> str:
             "|---|---|---|---|",
         ]
         reference = rows(entry, "ancestral").get(256, [float("nan")])[0]
-        for sampler in ("dpm_solver", "ancestral"):
+        for sampler in ("dpm_solver", "dpm_solver_sde", "ancestral"):
             for nfe, fids in rows(entry, sampler).items():
                 t = torch.tensor(fids)
                 spread = f" ± {t.std().item():.2f} ({len(fids)} seeds)" if len(fids) > 1 else ""
@@ -175,6 +186,8 @@ def plot(results: dict) -> None:
         for nfe, fids in dpm.items():
             if len(fids) > 1:
                 ax.plot([nfe] * len(fids), fids, "k.", ms=4)
+        sde = rows(entry, "dpm_solver_sde")
+        ax.plot(list(sde), [v[0] for v in sde.values()], "^-", label="SDE-DPM-Solver++ 2M")
         ax.plot(list(anc), [v[0] for v in anc.values()], "s--", label="ancestral")
         if 256 in anc:
             ax.axhspan(anc[256][0] * 0.9, anc[256][0] * 1.1, color="C1", alpha=0.15, label="ancestral-256 ± 10%")

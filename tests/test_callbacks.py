@@ -161,31 +161,46 @@ def test_predict_writes_uint8_samples_and_figures(tmp_path: Path) -> None:
     main(["fit", "--config", str(CONF / "mulan_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)])
     ckpt = next(tmp_path.rglob("*.ckpt"))
     out = tmp_path / "samples"
-    cli = build_cli(
-        [
-            "predict",
-            "--ckpt_path",
-            str(ckpt),
-            "--model.init_args.sample_steps",
-            "3",
-            "--trainer.logger",
-            "false",
-            "--trainer.limit_predict_batches",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--predict_output_dir",
-            str(out),
-        ]
-    )
+    calls, original = [], SAMPLERS["dpm_solver_sde"]
+
+    def spy(model, num_samples, **kwargs):
+        calls.append(kwargs["steps"])
+        return original(model, num_samples, **kwargs)
+
+    with mock.patch.dict(SAMPLERS, {"dpm_solver_sde": spy}):
+        cli = build_cli(
+            [
+                "predict",
+                "--ckpt_path",
+                str(ckpt),
+                "--model.init_args.sampler",
+                "dpm_solver_sde",
+                "--model.init_args.sample_steps",
+                "3",
+                "--trainer.logger",
+                "false",
+                "--trainer.limit_predict_batches",
+                "1",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--predict_output_dir",
+                str(out),
+            ]
+        )
     assert cli.model.sample_steps == 3  # a command-line override applies on top of the checkpoint's config
+    assert cli.model.sampler == "dpm_solver_sde" and calls == [3]  # the fast sampler, once for the one batch
     assert cli.model.model.latent.dim == 10  # ... which is otherwise the one the checkpoint was trained with
     samples = np.load(out / "samples.npz")["samples"]
     assert samples.dtype == np.uint8 and samples.shape == (16, 1, 8, 8)
     for name in ("samples.png", "schedule_maps.png", "snr_variance.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_unknown_sampler_is_named_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="sampler must be one of 'ancestral', 'dpm_solver', 'dpm_solver_sde'"):
+        DiffusionTask(image_shape=(1, 8, 8), sampler="euler")
 
 
 @pytest.mark.parametrize("probes", [2, 1])

@@ -32,7 +32,7 @@ EVAL_SUBCOMMANDS = ("test", "validate", "predict")
 LIGHTNING_CKPT_NAMES = ("last", "hpc")
 """``fit --ckpt_path`` values that Lightning resolves to a file itself."""
 
-EVALUATION_OPTIONS = {"sample_steps", "optimizer", "lr_scheduler", "process_lr", "process_weight_decay"}
+EVALUATION_OPTIONS = {"sample_steps", "sampler", "optimizer", "lr_scheduler", "process_lr", "process_weight_decay"}
 """Model options that do not change the model's bound, so evaluation may change them freely."""
 
 RENAMED = {

@@ -10,6 +10,7 @@ with autocast disabled; only the denoiser may run in lower precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -116,6 +117,7 @@ def dpm_solver_sample(
     device: torch.device | str | None = None,
     order: int = 2,
     x_1: Tensor | None = None,
+    stochastic: bool = False,
 ) -> SampleResult:
     """Deterministic few-step sampling: DPM-Solver++ (Lu et al. 2022) on the probability-flow ODE, then decode.
 
@@ -132,6 +134,15 @@ def dpm_solver_sample(
     the adaptive solver's hundreds to thousands (:func:`ode_sample`). ``x_1 ~ p(x_1)`` unless given;
     ``decode`` as in :func:`ancestral_sample`. Needs a process of the form ``x_t = alpha x + sigma eps``. Returns a
     :class:`SampleResult` (``nfe = steps``).
+
+    ``stochastic=True`` solves the reverse SDE instead (SDE-DPM-Solver++, "2M SDE"), a step being
+
+        x_s = (sigma_s / sigma_t) exp(-h) x_t + alpha_s (1 - exp(-2h)) D + sigma_s sqrt(1 - exp(-2h)) noise
+
+    with ``D`` as above and fresh standard-normal ``noise`` (from ``generator``). Its first-order form is the
+    ancestral step ``q(x_s | x_t, x = x_hat_t)`` itself, so ``order=1`` equals :func:`ancestral_sample`; the
+    second-order term corrects ``x_hat`` as the deterministic sampler does. The fresh noise at every step
+    corrects errors of an imperfect denoiser that the deterministic ODE carries along.
     """
     _check_decode(decode)
     if steps < 1:
@@ -166,13 +177,22 @@ def dpm_solver_sample(
                 if order == 2 and previous is not None and not (i == 1 and steps < 15):
                     half_inverse_r = 0.5 * h / previous[1]
                     data = (1 + half_inverse_r) * x_hat - half_inverse_r * previous[0]
-                x = (sigma_s / sigma_t) * x - alpha_s * torch.expm1(-h) * data
+                if stochastic:
+                    kept = -torch.expm1(-2 * h)  # 1 - exp(-2h) = 1 - SNR_t / SNR_s
+                    noise = torch.randn(x.shape, device=device, generator=generator)
+                    x = (sigma_s / sigma_t) * torch.exp(-h) * x + alpha_s * kept * data + sigma_s * kept.sqrt() * noise
+                else:
+                    x = (sigma_s / sigma_t) * x - alpha_s * torch.expm1(-h) * data
             previous, (m_t, alpha_t, sigma_t) = (x_hat, h), (m_s, alpha_s, sigma_s)
             advance(1)
     return SampleResult(process.decode(x, ctx, decode, generator), ctx.z, steps)
 
 
-SAMPLERS = {"ancestral": ancestral_sample, "dpm_solver": dpm_solver_sample}
+SAMPLERS = {
+    "ancestral": ancestral_sample,
+    "dpm_solver": dpm_solver_sample,
+    "dpm_solver_sde": partial(dpm_solver_sample, stochastic=True),
+}
 """The step samplers by name (``sampler:`` in the callbacks): ``model, num_samples, steps=...`` in, a
 :class:`SampleResult` out."""
 

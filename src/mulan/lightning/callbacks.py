@@ -185,8 +185,9 @@ class EvaluationCallback(L.Callback):
         num_times: stratified times per image in the dense ELBO (the reference uses 128).
         num_samples: generated images for FID/KID.
         sample_steps: sampling steps ``T`` (ancestral: 256 is usual; ``dpm_solver``: a few dozen).
-        sampler: ``"ancestral"`` (:func:`~mulan.sampling.ancestral_sample`) or ``"dpm_solver"``
-            (:func:`~mulan.sampling.dpm_solver_sample`, deterministic, few steps).
+        sampler: ``"ancestral"`` (:func:`~mulan.sampling.ancestral_sample`), ``"dpm_solver"``
+            (:func:`~mulan.sampling.dpm_solver_sample`, deterministic, few steps) or ``"dpm_solver_sde"`` (its
+            stochastic form, few steps).
         fid, kid: compute FID / KID (torchmetrics with torch-fidelity's InceptionV3).
         feature_extractor_weights_path: InceptionV3 weights (see :func:`resolve_inception_weights`).
         ode_images: images (per process) evaluated with the probability-flow ODE likelihood (0: off; slow).

@@ -19,7 +19,7 @@ from mulan.model import Bound, build_model
 from mulan.networks import DenoiserFactory, UNet
 from mulan.parameterisation import Epsilon, ParameterisationFactory
 from mulan.processes.base import ImageShape, ProcessFactory
-from mulan.sampling import ancestral_sample
+from mulan.sampling import SAMPLERS
 from mulan.schedules import FixedLinear
 from mulan.time_sampling import AntitheticUniform, TimeSamplerFactory
 
@@ -76,7 +76,9 @@ class DiffusionTask(L.LightningModule):
             ``(seed, n, a, r)``, where ``seed`` is the run's seed (saved in the checkpoint): every DDP rank and every
             accumulated micro-batch draws its own times, noise, latents and dropout, and a run resumed from any
             checkpoint draws exactly what the uninterrupted run would.
-        sample_steps: ancestral sampling steps of ``predict``.
+        sample_steps: sampling steps (network evaluations per sample) of ``predict``.
+        sampler: the sampler of ``predict``: ``"ancestral"`` (256 steps is usual), ``"dpm_solver"`` or
+            ``"dpm_solver_sde"`` (a few dozen steps; :mod:`mulan.sampling`).
         channels_last: convolution weights (hence activations) in channels-last memory format.
     """
 
@@ -97,8 +99,11 @@ class DiffusionTask(L.LightningModule):
         seed_every_step: bool = True,
         sample_steps: int = 256,
         channels_last: bool = False,
+        sampler: str = "ancestral",
     ) -> None:
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}.")
         image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))  # saved as a tuple, like data's
         self.save_hyperparameters()
         self.model = build_model(
@@ -107,7 +112,7 @@ class DiffusionTask(L.LightningModule):
         # EMAWeightAveraging deep-copies the module: the factories (which may reference the CLI) are shared, not copied
         self.optimizer_factory, self.lr_scheduler_factory = SharedCallable(optimizer), SharedCallable(lr_scheduler)
         self.process_lr, self.process_weight_decay, self.process_width = process_lr, process_weight_decay, process_width
-        self.seed_every_step, self.sample_steps = seed_every_step, sample_steps
+        self.seed_every_step, self.sample_steps, self.sampler = seed_every_step, sample_steps, sampler
         self._base_seed = torch.initial_seed()
         self.meters = nn.ModuleDict(
             {f"{stage}_{name}": MeanStdErr() for stage in STAGES for name in self.model.term_names}
@@ -159,10 +164,10 @@ class DiffusionTask(L.LightningModule):
         self._update("test", self.bound(batch))
 
     def predict_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
-        """As many ancestral samples (uint8 (B, C, H, W), ``z`` from the prior; given the batch's ``y`` for
-        conditional data) as the batch has images."""
+        """As many samples of ``sampler`` at ``sample_steps`` (uint8 (B, C, H, W), ``z`` from the prior; given the
+        batch's ``y`` for conditional data) as the batch has images."""
         images, y = split_batch(batch)
-        return ancestral_sample(self.model, images.shape[0], steps=self.sample_steps, y=y).samples
+        return SAMPLERS[self.sampler](self.model, images.shape[0], steps=self.sample_steps, y=y).samples
 
     def _log_epoch(self, stage: str) -> dict[str, tuple[float, float]]:
         results = {}
