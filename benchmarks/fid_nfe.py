@@ -4,10 +4,10 @@ offline.
 
 The features follow the checkpoint's data: :class:`~mulan.lightning.features.DigitsFeatures` (a digits classifier)
 for 1x8x8 images, :class:`~mulan.lightning.features.PhotoFeatures` (a classifier of which photo and region a crop
-comes from) for the photo crops. Real features: the checkpoint's train split. Every sampler draws the same number of
-images (FID is biased upwards at small N, equally for every row), and DPM-Solver at ``--noise-steps`` is repeated
-with ``--noise-seeds`` seeds to show how much FID moves with the draw alone. A floor row gives the FID of the test
-split (real images, fewer of them) against the same real features.
+comes from) for the photo crops. Real features: the images of the checkpoint's train loader (full batches). Every
+sampler draws the same number of images (FID is biased upwards at small N, equally for every row), and both
+DPM-Solvers at ``--noise-steps`` are repeated with ``--noise-seeds`` seeds to show how much FID moves with the
+draw alone. A floor row gives the FID of the test split (real images, fewer of them) against the same features.
 
     python benchmarks/fid_nfe.py runs/study/colour/mulan/seed0/every/step=2000.ckpt --name photos_mulan
     python benchmarks/fid_nfe.py <digits checkpoint> --name digits_mulan --samples 1000
@@ -126,6 +126,7 @@ def run(args: argparse.Namespace, entry: dict, save) -> None:
     plan = [("dpm_solver", s, 0) for s in args.dpm]
     plan += [("dpm_solver", args.noise_steps, seed) for seed in range(1, args.noise_seeds)]
     plan += [("dpm_solver_sde", s, 0) for s in args.sde]
+    plan += [("dpm_solver_sde", args.noise_steps, seed) for seed in range(1, args.noise_seeds)]
     plan += [("ancestral", s, 0) for s in sorted(args.ancestral)]
     for sampler, steps, seed in plan:
         key = f"{sampler}-{steps}-seed{seed}"
@@ -181,16 +182,19 @@ def plot(results: dict) -> None:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
     for ax, (name, entry) in zip(axes[0], results.items(), strict=True):
-        dpm, anc = rows(entry, "dpm_solver"), rows(entry, "ancestral")
-        ax.plot(list(dpm), [sum(v) / len(v) for v in dpm.values()], "o-", label="DPM-Solver++ 2M")
-        for nfe, fids in dpm.items():
-            if len(fids) > 1:
-                ax.plot([nfe] * len(fids), fids, "k.", ms=4)
-        sde = rows(entry, "dpm_solver_sde")
-        ax.plot(list(sde), [v[0] for v in sde.values()], "^-", label="SDE-DPM-Solver++ 2M")
-        ax.plot(list(anc), [v[0] for v in anc.values()], "s--", label="ancestral")
+        anc = rows(entry, "ancestral")
+        for sampler, style, label in (
+            ("dpm_solver", "o-", "DPM-Solver++ 2M"),
+            ("dpm_solver_sde", "^-", "SDE-DPM-Solver++ 2M"),
+        ):
+            found = rows(entry, sampler)
+            line = ax.plot(list(found), [sum(v) / len(v) for v in found.values()], style, label=label)[0]
+            for nfe, fids in found.items():
+                if len(fids) > 1:  # the seeds behind a mean
+                    ax.plot([nfe] * len(fids), fids, ".", color=line.get_color(), ms=4)
+        ax.plot(list(anc), [v[0] for v in anc.values()], "s--", color="C2", label="ancestral")
         if 256 in anc:
-            ax.axhspan(anc[256][0] * 0.9, anc[256][0] * 1.1, color="C1", alpha=0.15, label="ancestral-256 ± 10%")
+            ax.axhspan(anc[256][0] * 0.9, anc[256][0] * 1.1, color="C2", alpha=0.15, label="ancestral-256 ± 10%")
         if "floor" in entry:
             ax.axhline(entry["floor"]["fid"], color="gray", ls=":", label=f"test split ({entry['floor']['images']})")
         ax.set_xscale("log")
