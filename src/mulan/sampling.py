@@ -9,6 +9,7 @@ with autocast disabled; only the denoiser may run in lower precision.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -188,7 +189,7 @@ def dpm_solver_sample(
     return SampleResult(process.decode(x, ctx, decode, generator), ctx.z, steps)
 
 
-SAMPLERS = {
+SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "ancestral": ancestral_sample,
     "dpm_solver": dpm_solver_sample,
     "dpm_solver_sde": partial(dpm_solver_sample, stochastic=True),
