@@ -120,7 +120,7 @@ def dpm_solver_sample(
     x_1: Tensor | None = None,
     stochastic: bool = False,
 ) -> SampleResult:
-    """Deterministic few-step sampling: DPM-Solver++ (Lu et al. 2022) on the probability-flow ODE, then decode.
+    """Few-step sampling: DPM-Solver++ (Lu et al. 2022) on the probability-flow ODE (or the reverse SDE), then decode.
 
     The exponential integrator of the ODE in the data prediction ``x_hat = (x_t - sigma_t eps_hat) / alpha_t``,
     element-wise per dimension, so it serves scalar and per-dimension (MuLAN) schedules alike: with
