@@ -1,17 +1,20 @@
-"""Function evaluations, time and bound of the probability-flow ODE likelihood in each time variable, one checkpoint.
+"""Function evaluations, time and bound of the probability-flow ODE likelihood under several solve settings.
 
     python benchmarks/ode_nfe.py runs/study/colour/vdm/seed0/every/step=2000.ckpt --images 16
-    python benchmarks/ode_nfe.py CKPT --images 8 --rtol 1e-5 --atol 1e-5 --time-variables t,log_snr --json out.json
+    python benchmarks/ode_nfe.py CKPT --images 8 --rtol 1e-5 --atol 1e-5 --variants t,t:inf --json out.json
 
-The first ``--images`` test images of the checkpoint's own data (the data configuration saved in it) are evaluated
-with :func:`mulan.likelihood.ode_likelihood` at the given tolerances and the EvaluationCallback's defaults
-otherwise (one dequantisation draw, one Hutchinson probe, float32), in every time variable
-(:data:`mulan.ode.TIME_VARIABLES`). For a fair comparison each chunk of ``--solve-batch-size`` images (default 1:
-one solve per image, so each image's NFE is its own) is solved in every variable in turn, with the same latent,
-dequantisation and probe draws (seeded per chunk from ``--seed``). Printed: per image, NFE and seconds in each
-variable and the bound (bits/dim); then per variable the mean NFE and seconds per image and the bound with its
-standard error over images, and the paired difference of the bounds (same draws: only the solver's error and
-the probe's path differ) with its standard error. One thread by default (``--threads``).
+A variant is a time variable (:data:`mulan.ode.TIME_VARIABLES`), optionally followed by ``:`` and the
+``divergence_atol`` of the log-density integral in nats (``inf``: not error-controlled); without it the integral
+is controlled like the state. The first ``--images`` test images of the checkpoint's own data (the data
+configuration saved in it) are evaluated with :func:`mulan.likelihood.ode_likelihood` at the given tolerances and
+the EvaluationCallback's defaults otherwise (one dequantisation draw, one Hutchinson probe, float32;
+``--exact-divergence`` for the exact trace). For a fair comparison each chunk of ``--solve-batch-size`` images
+(default 1: one solve per image, so each image's NFE is its own) is solved in every variant in turn, with the
+same latent, dequantisation and probe draws (seeded per chunk from ``--seed``). Printed: per image, NFE and
+seconds in each variant and the bound (bits/dim); then per variant the mean NFE and seconds per image and the
+bound with its standard error over images, and each variant's paired difference of the bounds from the first
+(same draws: only the solver's error and the probe's path differ) with its standard error. One thread by default
+(``--threads``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     model, data = load(args.ckpt)
     images, y = test_images(data, args.images)
-    variables = args.time_variables.split(",")
+    variables = args.variants.split(",")
     rows: dict[str, dict[str, list[float]]] = {v: {"nfe": [], "seconds": [], "bpd": []} for v in variables}
     step = args.solve_batch_size
     print(f"{args.ckpt}: {images.shape[0]} test images {tuple(images.shape[1:])}, rtol={args.rtol}, atol={args.atol}")
@@ -73,6 +76,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for start in range(0, images.shape[0], step):
         chunk = slice(start, start + step)
         for variable in variables:
+            time_variable, _, divergence = variable.partition(":")
             torch.manual_seed(args.seed * 1_000_003 + start)  # the latent draw
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + start)  # dequantisation, probes
             begin = time.perf_counter()
@@ -85,7 +89,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 rtol=args.rtol,
                 atol=args.atol,
                 generator=generator,
-                time_variable=variable,
+                time_variable=time_variable,
+                divergence_atol=float(divergence) if divergence else None,
+                exact_divergence=args.exact_divergence,
             )
             seconds = (time.perf_counter() - begin) / result.bpd.shape[0]
             rows[variable]["nfe"] += result.nfe.tolist()
@@ -96,10 +102,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 f"{rows[v]['nfe'][i]:12.0f} {rows[v]['seconds'][i]:10.1f} {rows[v]['bpd'][i]:12.4f}" for v in variables
             ]
             print(f"{i:5d}  " + "  ".join(cells), flush=True)
-    summary: dict[str, Any] = {"images": images.shape[0], "rtol": args.rtol, "atol": args.atol, "variables": {}}
+    summary: dict[str, Any] = {"images": images.shape[0], "rtol": args.rtol, "atol": args.atol, "variants": {}}
     for variable in variables:
         bpd = torch.tensor(rows[variable]["bpd"], dtype=torch.float64)
-        summary["variables"][variable] = {
+        summary["variants"][variable] = {
             "nfe_per_image": sum(rows[variable]["nfe"]) / bpd.numel(),
             "seconds_per_image": sum(rows[variable]["seconds"]) / bpd.numel(),
             "bpd": bpd.mean().item(),
@@ -107,19 +113,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "per_image": rows[variable],
         }
     print()
-    for variable, s in summary["variables"].items():
+    for variable, s in summary["variants"].items():
         print(
             f"{variable:>8}: NFE/image {s['nfe_per_image']:8.1f}   s/image {s['seconds_per_image']:7.1f}   "
             f"bound {s['bpd']:.4f} ± {s['bpd_stderr']:.4f} bits/dim"
         )
-    if len(variables) > 1:
-        base, other = variables[0], variables[1]
-        a, b = (summary["variables"][v] for v in (base, other))
+    base = variables[0]
+    summary["paired_difference_bpd"] = {}
+    for other in variables[1:]:
+        a, b = (summary["variants"][v] for v in (base, other))
         diff = torch.tensor(b["per_image"]["bpd"], dtype=torch.float64) - torch.tensor(
             a["per_image"]["bpd"], dtype=torch.float64
         )
         se = (diff.std() / math.sqrt(diff.numel())).item() if diff.numel() > 1 else math.nan
-        summary["paired_difference_bpd"] = {"mean": diff.mean().item(), "stderr": se}
+        summary["paired_difference_bpd"][other] = {"mean": diff.mean().item(), "stderr": se}
         print(
             f"{other} / {base}: NFE x{b['nfe_per_image'] / a['nfe_per_image']:.3f}, "
             f"time x{b['seconds_per_image'] / a['seconds_per_image']:.3f}, "
@@ -136,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--atol", type=float, default=1e-5)
     parser.add_argument("--draws", type=int, default=1, help="dequantisation draws per image (callback default 1)")
     parser.add_argument("--probes", type=int, default=1, help="Hutchinson probes per solve (callback default 1)")
-    parser.add_argument("--time-variables", default="t,log_snr", help="comma-separated, the first is the baseline")
+    parser.add_argument(
+        "--variants",
+        default="t,log_snr",
+        help="comma-separated time_variable[:divergence_atol], e.g. t,log_snr,t:inf; the first is the baseline",
+    )
+    parser.add_argument("--exact-divergence", action="store_true", help="the exact trace instead of a probe")
     parser.add_argument("--solve-batch-size", type=int, default=1, help="images per solve (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

@@ -77,10 +77,11 @@ class ODELogDensity:
     """What :func:`ode_log_density` returns.
 
     ``log_p``: (B,) continuous log-density ``log p(x_0 | z)`` in nats (density w.r.t. Lebesgue measure on the data
-    units ``[-1, 1]^D``): exact up to the solver's error with the exact divergence, else the mean of the ``P``
-    probes' unbiased estimates; ``log_p_var``: (B,) the variance of that estimate, estimated from the spread of
-    the probes (``sample variance / P``; 0 with the exact divergence, NaN with one probe, which shows no spread);
-    ``x_1``: (B, C, H, W) the encoded noise; ``nfe``: drift evaluations of the solve."""
+    units ``[-1, 1]^D``; with auxiliary variables the joint density of the data and the auxiliaries): exact up to
+    the solver's error with the exact divergence, else the mean of the ``P`` probes' unbiased estimates;
+    ``log_p_var``: (B,) the variance of that estimate, estimated from the spread of the probes (``sample variance /
+    P``; 0 with the exact divergence, NaN with one probe, which shows no spread); ``x_1``: (B, *state_shape) the
+    encoded noise; ``nfe``: drift evaluations of the solve."""
 
     log_p: Tensor
     log_p_var: Tensor
@@ -145,8 +146,13 @@ def ode_log_density(
     progress: bool = False,
     num_probes: int = 1,
     time_variable: str = DEFAULT_TIME_VARIABLE,
+    divergence_atol: float | None = None,
 ) -> ODELogDensity:
     """``log p(x | ctx)`` of continuous data ``x`` (B, C, H, W) under the probability-flow ODE, in nats.
+
+    For a process with auxiliary variables ``x`` is the whole state at ``t = 0``, (B, *state_shape): the data and
+    the auxiliaries' initial values (:meth:`~mulan.processes.ForwardProcess.initial_auxiliaries`), and ``log p`` is
+    their joint log-density.
 
     Integrates the augmented state ``(x_t, int_0^t div dt)`` from t = 0 (the data end) to t = 1 and returns
     ``log p(x) = log N(x_1; 0, I) + int_0^1 div(drift) dt`` (change of variables: ``d/dt log p_t(x_t) = -div``).
@@ -160,9 +166,23 @@ def ode_log_density(
     ``time_variable``: ``"t"`` integrates in the process's time; ``"log_snr"`` in the normalised mean log-SNR time
     ``u`` of :class:`mulan.ode.LogSNRTime` (a change of the integration variable only: the same ``log p``, the
     divergence scaled by the same ``dt/du`` as the drift, so it stays exact; ``nfe`` counts the evaluations of
-    that solve)."""
+    that solve).
+
+    ``divergence_atol``: the error control of the log-density integral (nats per image and probe). ``None``: the
+    same ``rtol``/``atol`` as the state. A number: that absolute tolerance and no relative one (the integral is
+    thousands of nats, so ``rtol`` alone would ask for hundredths of a nat). ``math.inf``: not controlled, the
+    steps are those the trajectory alone needs and the integral is the dopri5 quadrature on them (docs:
+    evaluation, "Error control of the divergence integral")."""
     if num_probes < 1:
         raise ValueError(f"num_probes must be at least 1, got {num_probes}.")
+    if divergence_atol is not None and not divergence_atol > 0:
+        raise ValueError(f"divergence_atol must be positive (math.inf: not controlled) or None, got {divergence_atol}.")
+    if tuple(x.shape[1:]) != tuple(model.process.state_shape):
+        raise ValueError(
+            f"x must be a state of the process, (B, {', '.join(map(str, model.process.state_shape))}); got "
+            f"{tuple(x.shape)}. With auxiliary variables, append their initial draw "
+            "(process.initial_auxiliaries)."
+        )
     ctx = as_context(ctx)
     x = x.to(dtype)
     probes = None if exact_divergence else rademacher_like(x, generator, num_probes)
@@ -173,8 +193,10 @@ def ode_log_density(
         return velocity, div.to(dtype)
 
     width = 1 if probes is None else num_probes
+    rtols: float | tuple[float, ...] = rtol if divergence_atol is None else (rtol, 0.0)
+    atols: float | tuple[float, ...] = atol if divergence_atol is None else (atol, divergence_atol)
     (x_1, integrals), nfe = ode.solve(
-        augmented, (x, x.new_zeros(x.shape[0], width)), 0.0, 1.0, rtol, atol, progress, "ODE likelihood"
+        augmented, (x, x.new_zeros(x.shape[0], width)), 0.0, 1.0, rtols, atols, progress, "ODE likelihood"
     )
     log_p = standard_normal_log_density(x_1)[:, None] + integrals  # (B, P)
     if probes is None:
@@ -265,6 +287,7 @@ def ode_likelihood(
     num_probes: int = 1,
     solve_batch_size: int | None = None,
     time_variable: str = DEFAULT_TIME_VARIABLE,
+    divergence_atol: float | None = None,
 ) -> ODELikelihood:
     """Bits/dim of 8-bit images by the probability-flow ODE with truncated-normal dequantisation.
 
@@ -288,10 +311,16 @@ def ode_likelihood(
     dimension ``log2 q`` averages ``-log2 sigma_0 - log2(Phi(3) - Phi(-3)) + E[log2 phi(u)] = 9.594 + 0.004 - 2.028
     = 7.57`` bits at ``gamma_min = -13.3``. ``BPD = nll / (D ln 2)``.
 
+    Processes with auxiliary variables (docs: math, section 11e): each draw ``k`` also draws the auxiliaries'
+    start ``v_k ~ q(v_0)`` (:meth:`~mulan.processes.ForwardProcess.initial_auxiliaries`), the ODE gives the joint
+    ``log p(x~_k, v_k | z)`` and ``log q(v_k)`` joins ``log q``: ``log w_k = log p(x~_k, v_k | z) - log q(x~_k | x)
+    - log q(v_k)``. Since ``int p(x~, v | z) dv = p(x~ | z)``, ``P(k | z) = E_q[p(x~, v | z) / (q(x~ | x) q(v))]``
+    and the same two bounds hold; ``D`` stays the data's dimension.
+
     Call it on a model in eval mode (dropout would make the ODE's right-hand side random). Returns an
     :class:`ODELikelihood`. Solver options (``rtol``, ``atol``, ``dtype``, ``exact_divergence``, ``num_probes``,
-    ``time_variable``) as in :func:`ode_log_density`; the dequantisation, the latent and the bound do not depend on
-    the time variable."""
+    ``time_variable``, ``divergence_atol``) as in :func:`ode_log_density`; the dequantisation, the latent and the
+    bound do not depend on the time variable."""
     model.check_images(images)
     if num_draws < 1:
         raise ValueError(f"num_draws must be at least 1, got {num_draws}.")
@@ -302,13 +331,15 @@ def ode_likelihood(
     ctx, latent_cost, _ = model.encode(elbo.to_unit_interval(images), y)
     scale = _repeat_rows(dequantisation_scale(model, ctx, b), num_draws, b)
     x_tilde, log_q = dequantise(_repeat_rows(images, num_draws, b), scale, generator, dtype)  # row k B + i
+    state, log_q_aux = model.process.initial_auxiliaries(x_tilde, generator)
+    log_q = log_q + log_q_aux
     z, cond = (None if v is None else _repeat_rows(v, num_draws, b) for v in (ctx.z, ctx.y))
-    step = solve_batch_size or x_tilde.shape[0]
+    step = solve_batch_size or state.shape[0]
     log_p, log_p_var, nfe = [], [], []
-    for rows in torch.arange(x_tilde.shape[0], device=images.device).split(step):
+    for rows in torch.arange(state.shape[0], device=images.device).split(step):
         part = ode_log_density(
             model,
-            x_tilde[rows],
+            state[rows],
             Context(z=None if z is None else z[rows], y=None if cond is None else cond[rows]),
             rtol,
             atol,
@@ -318,6 +349,7 @@ def ode_likelihood(
             progress,
             num_probes,
             time_variable,
+            divergence_atol,
         )
         log_p.append(part.log_p)
         log_p_var.append(part.log_p_var)

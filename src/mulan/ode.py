@@ -245,15 +245,17 @@ def solve(
     state: State,
     t_start: float,
     t_end: float,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | tuple[float, ...] = 1e-5,
+    atol: float | tuple[float, ...] = 1e-5,
     progress: bool = False,
     description: str = "probability-flow ODE",
 ) -> tuple[State, int]:
     """Integrate ``d state / dt = func(t, state)`` from ``t_start`` to ``t_end`` (either direction) with dopri5.
 
     ``state`` is a tensor or a tuple of tensors (batch first) in float32 or float64; the times are in the
-    state's dtype. TF32 is off and no autograd graph is kept. Returns ``(state at t_end, number of evaluations)``.
+    state's dtype. ``rtol``/``atol`` are one number for the whole state or, for a tuple state, one per component
+    (``math.inf`` takes a component out of the error control: it is integrated on the steps the others set). TF32
+    is off and no autograd graph is kept. Returns ``(state at t_end, number of evaluations)``.
     """
     from torchdiffeq import odeint
 
@@ -272,9 +274,14 @@ def solve(
             return func(t, y)
 
         times = torch.tensor([t_start, t_end], dtype=first.dtype, device=first.device)
+        # per-component tolerances in the state's dtype (torchdiffeq would round them through float32)
+        rtols, atols = (
+            tuple(torch.tensor(v, dtype=first.dtype) for v in tol) if isinstance(tol, tuple) else tol
+            for tol in (rtol, atol)
+        )
         with torch.no_grad(), tf32_disabled():
             path = odeint(
-                counted, state, times, rtol=rtol, atol=atol, method="dopri5", options={"norm": per_example_norm}
+                counted, state, times, rtol=rtols, atol=atols, method="dopri5", options={"norm": per_example_norm}
             )
     end = tuple(p[-1] for p in path) if isinstance(state, tuple) else path[-1]
     return end, nfe

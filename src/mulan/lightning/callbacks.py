@@ -198,6 +198,9 @@ class EvaluationCallback(L.Callback):
         ode_exact_divergence: the exact trace instead of Hutchinson probes (``D`` vector-Jacobian products per
             evaluation: small images only); makes the importance-weighted figure a bound, and the headline.
         ode_rtol, ode_atol: tolerances of the adaptive dopri5 solver.
+        ode_divergence_atol: the log-density integral's own absolute tolerance in nats (``.inf`` in YAML: not
+            error-controlled, the trajectory sets the steps; None: ``ode_rtol``/``ode_atol`` like the state; docs:
+            evaluation, "Error control of the divergence integral").
         ode_solve_batch_size: (image, draw) rows per ODE solve (default: all of a batch's at once).
         ode_time_variable: the ODE's integration variable, ``"t"`` or ``"log_snr"`` (the normalised mean log-SNR
             time, :class:`mulan.ode.LogSNRTime`; the same bound, other steps; docs: evaluation, "Time variable").
@@ -227,6 +230,7 @@ class EvaluationCallback(L.Callback):
         ode_exact_divergence: bool = False,
         ode_rtol: float = 1e-5,
         ode_atol: float = 1e-5,
+        ode_divergence_atol: float | None = None,
         ode_solve_batch_size: int | None = None,
         ode_time_variable: str = DEFAULT_TIME_VARIABLE,
         cache_dir: str | None = None,
@@ -250,6 +254,7 @@ class EvaluationCallback(L.Callback):
         self.ode_images, self.ode_draws, self.ode_rtol, self.ode_atol = ode_images, ode_draws, ode_rtol, ode_atol
         self.ode_probes, self.ode_exact_divergence = ode_probes, ode_exact_divergence
         self.ode_solve_batch_size, self.sampler = ode_solve_batch_size, sampler
+        self.ode_divergence_atol = ode_divergence_atol
         self._ode_bpd, self._ode_iw_bpd, self._ode_iw_bias = CatMetric(), CatMetric(), CatMetric()
         self._ode_nfe, self._dense_bpd = CatMetric(), CatMetric()
         self._ode_seconds: list[float] = []
@@ -337,6 +342,7 @@ class EvaluationCallback(L.Callback):
             "ode_exact_divergence": self.ode_exact_divergence,
             "ode_rtol": self.ode_rtol,
             "ode_atol": self.ode_atol,
+            "ode_divergence_atol": self.ode_divergence_atol,
             "ode_solve_batch_size": self.ode_solve_batch_size,
             "ode_time_variable": self.ode_time_variable,
             "precision": trainer_precision,
@@ -424,6 +430,7 @@ class EvaluationCallback(L.Callback):
                     solve_batch_size=self.ode_solve_batch_size,
                     progress=self.progress and self._is_global_zero,
                     time_variable=self.ode_time_variable,
+                    divergence_atol=self.ode_divergence_atol,
                 )
             columns = {
                 "ode_bpd": result.bpd.tolist(),

@@ -398,12 +398,23 @@ class AuxiliaryProcess(ForwardProcess):
                 values = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
         return values.to(torch.uint8)
 
+    def initial_auxiliaries(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, v_0)`` with ``v_0 ~ N(0, s^2 I)`` from ``generator`` (the auxiliaries' initial distribution,
+        ``s^2 = aux_init_var``): (B, (K+1) C, H, W) in ``x``'s dtype, channels as the state's; and
+        ``log q(v_0) = sum log N(v_0; 0, s^2)`` (B,) nats at the values used (drawn and computed in float64, returned
+        in ``x``'s dtype). ``K = 0``: ``x`` and 0, drawing nothing (so the generator's stream is VDM's)."""
+        if self.num_aux == 0:
+            return super().initial_auxiliaries(x, generator)
+        b, c, h, w = x.shape
+        v = torch.randn((b, self.num_aux * c, h, w), generator=generator, device=x.device, dtype=torch.float64)
+        v = (math.sqrt(self.aux_init_var) * v).to(x.dtype)  # the same draws whatever the dtype
+        log_q = -0.5 * (v.double().square() / self.aux_init_var + math.log(2 * math.pi * self.aux_init_var))
+        return torch.cat([x, v], 1), log_q.flatten(1).sum(1).to(x.dtype)
+
     def dequantisation_scale(self, ctx: Context, batch_size: int) -> Tensor:
-        raise NotImplementedError(
-            f"{type(self).__name__}: the probability-flow ODE likelihood of a process with auxiliary variables needs "
-            "the auxiliaries' initial draw and its log-density, which mulan.likelihood does not take yet; use the "
-            "dense ELBO (mulan.likelihood.dense_elbo) for these processes."
-        )
+        """``sigma_0 / alpha_0 = exp(gamma_min / 2)``, the data coordinate's initial noise in data units (as VDM's),
+        float32 (1, 1, 1, 1)."""
+        return torch.exp(0.5 * torch.full((1, 1, 1, 1), self.gamma_min, device=self.device()))
 
     def extra_repr(self) -> str:
         return f"num_aux={self.num_aux}, time_change={self.time_change_kind!r}"

@@ -8,7 +8,8 @@ model never looks inside a process: it asks for
 * :meth:`ForwardProcess.prior_loss` (``KL(q(x_1 | x) || p(x_1))``) and
   :meth:`ForwardProcess.reconstruction_loss` (``-log p(x | x_0)`` of the 8-bit data),
 * :meth:`ForwardProcess.prior_sample`, :meth:`ForwardProcess.ancestral_step`,
-  :meth:`ForwardProcess.ode_drift` and :meth:`ForwardProcess.decode` for sampling and the likelihood.
+  :meth:`ForwardProcess.ode_drift`, :meth:`ForwardProcess.decode` and :meth:`ForwardProcess.initial_auxiliaries`
+  for sampling and the likelihood.
 
 The *state* ``x_t`` has shape ``(B, *state_shape)``: the image shape for the diagonal processes of VDM and MuLAN,
 more channels for processes with auxiliary variables. The denoiser always returns a state-shaped output, which
@@ -137,6 +138,13 @@ class ForwardProcess(nn.Module):
         """The data at ``t = 0``: uint8 images (N, C, H, W) from the state ``x_0`` (``mode`` ``"argmax"`` or
         ``"sample"``), or the continuous data coordinates of ``x_0`` for ``mode=None``."""
         raise NotImplementedError
+
+    def initial_auxiliaries(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The ODE likelihood's state at ``t = 0`` for values ``x`` (B, C, H, W) of the data coordinates: ``x`` with
+        the auxiliary variables' initial draw ``v_0 ~ q(v_0)`` (from ``generator``) appended, (B, *state_shape) in
+        ``x``'s dtype, and ``log q(v_0)`` (B,) nats in ``x``'s dtype. Here, without auxiliaries: ``x`` itself and
+        0, drawing nothing (processes with auxiliaries override)."""
+        return x, x.new_zeros(x.shape[0])
 
     def dequantisation_scale(self, ctx: Context, batch_size: int) -> Tensor:
         """Noise scale of ``q(x_0 | x)`` per data dimension (broadcastable to the data), used by the ODE likelihood
