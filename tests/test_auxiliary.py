@@ -677,7 +677,7 @@ def test_bad_options_are_named(build: Callable[[], object], message: str) -> Non
 
 
 def test_bad_noise_is_refused_clearly_and_the_ode_likelihood_dequantises_at_sigma_0() -> None:
-    """Data-shaped noise and ``timesteps > 0`` are refused by name; the ODE likelihood, once refused, dequantises
+    """Data-shaped noise and ``timesteps > 0`` are refused by name; the ODE likelihood dequantises
     at the data coordinate's initial noise ``exp(gamma_min / 2)`` (VDM's), inside the bin."""
     process = CriticallyDampedLangevin((1, 2, 2))
     x = torch.zeros(2, 1, 2, 2)
