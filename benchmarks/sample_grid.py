@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("panels", nargs="+", help="name=directory of a mulan-cli predict output")
     parser.add_argument("--data-config", type=Path, required=True, help="a config whose data block gives the reals")
     parser.add_argument("--count", type=int, default=32, help="images per panel (default 32)")
+    parser.add_argument("--columns", type=int, default=4, help="panels per row (default 4)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
     panels = [("test images", test_images(args.data_config, args.count))]
@@ -53,8 +54,12 @@ def main(argv: list[str] | None = None) -> None:
         name, _, directory = spec.partition("=")
         samples = torch.from_numpy(np.load(Path(directory) / "samples.npz")["samples"][: args.count])
         panels.append((name, samples))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 1.5))
-    for ax, (name, images) in zip(np.atleast_1d(axes), panels, strict=True):
+    cols = min(len(panels), args.columns)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, images) in zip(axes.flat, panels, strict=False):
         grid = image_grid(images, nrow=8)  # (C, H', W') uint8
         ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", interpolation="nearest")
         ax.set_title(name, fontsize=9)
