@@ -203,6 +203,12 @@ def test_unknown_sampler_is_named_with_the_choices() -> None:
         DiffusionTask(image_shape=(1, 8, 8), sampler="euler")
 
 
+@pytest.mark.parametrize("bad", [0.0, -1e-3])
+def test_bad_ode_divergence_atol_is_refused_before_any_evaluation(bad: float) -> None:
+    with pytest.raises(ValueError, match="ode_divergence_atol must be positive"):
+        EvaluationCallback(fid=False, ode_divergence_atol=bad)
+
+
 @pytest.mark.parametrize("probes", [2, 1])
 def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path, probes: int) -> None:
     """The ODE bound is logged, and with Hutchinson probes and several draws the importance-weighted estimate

@@ -243,6 +243,10 @@ class EvaluationCallback(L.Callback):
             raise ValueError(
                 f"ode_time_variable must be one of {', '.join(map(repr, TIME_VARIABLES))}, got {ode_time_variable!r}."
             )
+        if ode_divergence_atol is not None and not ode_divergence_atol > 0:
+            raise ValueError(
+                f"ode_divergence_atol must be positive (.inf: not controlled) or null, got {ode_divergence_atol}."
+            )
         self.ode_time_variable, self.cache_dir = ode_time_variable, cache_dir
         self.per_image: dict[str, dict[str, float]] = {}
         self._cache: _ResultCache | None = None
