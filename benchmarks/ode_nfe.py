@@ -4,8 +4,9 @@
     python benchmarks/ode_nfe.py CKPT --images 8 --rtol 1e-5 --atol 1e-5 --variants t,t:inf --json out.json
 
 A variant is a time variable (:data:`mulan.ode.TIME_VARIABLES`), optionally followed by ``:`` and the
-``divergence_atol`` of the log-density integral in nats (``inf``: not error-controlled); without it the integral
-is controlled like the state. The first ``--images`` test images of the checkpoint's own data (the data
+``divergence_atol`` of the log-density integral in nats (``inf``: not error-controlled) or by ``:s`` and a number
+``M`` of ``divergence_samples`` (the integral by stratified sampling at ``M`` times, e.g. ``t:s128``); without it
+the integral is controlled like the state. The first ``--images`` test images of the checkpoint's own data (the data
 configuration saved in it) are evaluated with :func:`mulan.likelihood.ode_likelihood` at the given tolerances and
 the EvaluationCallback's defaults otherwise (one dequantisation draw, one Hutchinson probe, float32;
 ``--exact-divergence`` for the exact trace). For a fair comparison each chunk of ``--solve-batch-size`` images
@@ -68,7 +69,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     model, data = load(args.ckpt)
     images, y = test_images(data, args.images)
     variables = args.variants.split(",")
-    rows: dict[str, dict[str, list[float]]] = {v: {"nfe": [], "seconds": [], "bpd": []} for v in variables}
+    rows: dict[str, dict[str, list[float]]] = {v: {"nfe": [], "seconds": [], "bpd": [], "sd": []} for v in variables}
     step = args.solve_batch_size
     print(f"{args.ckpt}: {images.shape[0]} test images {tuple(images.shape[1:])}, rtol={args.rtol}, atol={args.atol}")
     header = "image  " + "  ".join(f"{'NFE ' + v:>12} {'s ' + v:>10} {'bpd ' + v:>12}" for v in variables)
@@ -90,13 +91,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 atol=args.atol,
                 generator=generator,
                 time_variable=time_variable,
-                divergence_atol=float(divergence) if divergence else None,
+                divergence_atol=float(divergence) if divergence and not divergence.startswith("s") else None,
+                divergence_samples=int(divergence[1:]) if divergence.startswith("s") else None,
                 exact_divergence=args.exact_divergence,
             )
             seconds = (time.perf_counter() - begin) / result.bpd.shape[0]
             rows[variable]["nfe"] += result.nfe.tolist()
             rows[variable]["seconds"] += [seconds] * result.bpd.shape[0]
             rows[variable]["bpd"] += result.bpd.tolist()
+            rows[variable]["sd"] += model.bpd(result.nll_var_nats.sqrt()).tolist()  # the ODE's own noise, if known
         for i in range(start, min(start + step, images.shape[0])):
             cells = [
                 f"{rows[v]['nfe'][i]:12.0f} {rows[v]['seconds'][i]:10.1f} {rows[v]['bpd'][i]:12.4f}" for v in variables
@@ -110,6 +113,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "seconds_per_image": sum(rows[variable]["seconds"]) / bpd.numel(),
             "bpd": bpd.mean().item(),
             "bpd_stderr": (bpd.std() / math.sqrt(bpd.numel())).item() if bpd.numel() > 1 else math.nan,
+            "estimated_sd_per_image": torch.tensor(rows[variable]["sd"]).square().mean().sqrt().item(),
             "per_image": rows[variable],
         }
     print()
@@ -117,6 +121,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"{variable:>8}: NFE/image {s['nfe_per_image']:8.1f}   s/image {s['seconds_per_image']:7.1f}   "
             f"bound {s['bpd']:.4f} ± {s['bpd_stderr']:.4f} bits/dim"
+            + (f"   own noise {s['estimated_sd_per_image']:.3f} per image" if s["estimated_sd_per_image"] > 0 else "")
         )
     base = variables[0]
     summary["paired_difference_bpd"] = {}
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variants",
         default="t,log_snr",
-        help="comma-separated time_variable[:divergence_atol], e.g. t,log_snr,t:inf; the first is the baseline",
+        help="comma-separated time_variable[:divergence_atol | :sM], e.g. t,t:inf,t:s128; the first is the baseline",
     )
     parser.add_argument("--exact-divergence", action="store_true", help="the exact trace instead of a probe")
     parser.add_argument("--solve-batch-size", type=int, default=1, help="images per solve (default 1)")

@@ -209,11 +209,22 @@ def test_bad_ode_divergence_atol_is_refused_before_any_evaluation(bad: float) ->
         EvaluationCallback(fid=False, ode_divergence_atol=bad)
 
 
-@pytest.mark.parametrize("probes", [2, 1])
-def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path, probes: int) -> None:
+@pytest.mark.parametrize("bad", [3, 0])
+def test_bad_ode_divergence_samples_are_refused_before_any_evaluation(bad: int) -> None:
+    with pytest.raises(ValueError, match="ode_divergence_samples must be an even integer"):
+        EvaluationCallback(fid=False, ode_divergence_samples=bad)
+    with pytest.raises(ValueError, match="ode_divergence_samples and ode_divergence_atol exclude each other"):
+        EvaluationCallback(fid=False, ode_divergence_samples=8, ode_divergence_atol=1.0)
+
+
+@pytest.mark.parametrize(("probes", "samples"), [(2, None), (1, None), (1, 4)])
+def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path, probes: int, samples: int | None) -> None:
     """The ODE bound is logged, and with Hutchinson probes and several draws the importance-weighted estimate
-    beside it (below the bound by Jensen), with its estimated bias when two probes per solve let it be estimated."""
+    beside it (below the bound by Jensen), with its estimated bias and the figures' own noise when two probes per
+    solve or sampled divergence times let them be estimated. Sampled times add exactly ``M`` evaluations per
+    solve to the trajectory's."""
     callback = EvaluationCallback(
+        ode_divergence_samples=samples,
         num_images=4,
         num_times=4,
         fid=False,
@@ -233,10 +244,16 @@ def test_ode_likelihood_runs_inside_lightnings_inference_mode(tmp_path: Path, pr
     # the bound includes the honest latent cost log C(6, 2) nats, so it can't be below it
     assert metrics["test/ode_bpd"] > math.log(15) / (64 * math.log(2))
     assert metrics["test/ode_iw_bpd"] <= metrics["test/ode_bpd"]
-    if probes > 1:
+    if probes > 1 or samples:
         assert torch.isfinite(metrics["test/ode_iw_bias_bpd"]) and metrics["test/ode_iw_bias_bpd"] >= 0
+        # zero-initialised output layer: the drift is linear, its Jacobian diagonal, so the probes agree exactly;
+        # sampled times still differ, since the divergence changes with t
+        assert torch.isfinite(metrics["test/ode_noise_bpd"]) and metrics["test/ode_noise_bpd"] >= 0
+        assert (metrics["test/ode_noise_bpd"] > 0) == bool(samples)
     else:
-        assert "test/ode_iw_bias_bpd" not in metrics
+        assert "test/ode_iw_bias_bpd" not in metrics and "test/ode_noise_bpd" not in metrics
+    if samples:  # dopri5 takes 2 + 6 k evaluations (first derivative, initial step, 6 per step): M more here
+        assert all((entry["ode_nfe"] - samples) % 6 == 2 for entry in callback.per_image.values() if "ode_nfe" in entry)
 
 
 def test_fid_samples_come_from_the_chosen_sampler(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +78,12 @@ class ODELogDensity:
 
     ``log_p``: (B,) continuous log-density ``log p(x_0 | z)`` in nats (density w.r.t. Lebesgue measure on the data
     units ``[-1, 1]^D``; with auxiliary variables the joint density of the data and the auxiliaries): exact up to
-    the solver's error with the exact divergence, else the mean of the ``P`` probes' unbiased estimates;
+    the solver's error with the exact divergence, else the mean of the ``P`` probes' unbiased estimates (with
+    ``divergence_samples``: an unbiased estimate in either case);
     ``log_p_var``: (B,) the variance of that estimate, estimated from the spread of the probes (``sample variance /
-    P``; 0 with the exact divergence, NaN with one probe, which shows no spread); ``x_1``: (B, *state_shape) the
-    encoded noise; ``nfe``: drift evaluations of the solve."""
+    P``; 0 with the exact divergence, NaN with one probe, which shows no spread), or with ``divergence_samples``
+    from the spread of neighbouring strata; ``x_1``: (B, *state_shape) the encoded noise; ``nfe``: drift
+    evaluations of the solve (with ``divergence_samples``: of the trajectory, plus the divergence's ``M``)."""
 
     log_p: Tensor
     log_p_var: Tensor
@@ -94,16 +96,20 @@ class ODELikelihood:
     """Per-image results of :func:`ode_likelihood`, in nats unless the name says bits per dimension.
 
     ``nll_nats``: (B,) the ODE bound on ``-log P(image)`` of the 8-bit data, latent cost included: the
-    importance-weighted bound over the ``K`` dequantisation draws when the divergence is exact, otherwise the
-    mean of the ``K`` single-draw bounds (a bound in expectation over draws and probes; docs: evaluation);
+    importance-weighted bound over the ``K`` dequantisation draws when ``log p`` is exact (the exact divergence
+    integrated by the solver), otherwise the mean of the ``K`` single-draw bounds (a bound in expectation over
+    draws, probes and sampled times; docs: evaluation);
     ``bpd``: the same in bits per dimension (``nll_nats / (D ln 2)``);
+    ``nll_var_nats``: (B,) the estimated variance of one image's ``nll_nats`` over the probes and sampled times
+    (``sum_k Var log p_k / K^2``; 0 when ``log p`` is exact, NaN with one probe per solve and the solver's
+    integral), the ODE's own noise on top of the spread between images;
     ``iw_nll_nats``, ``iw_bpd``: (B,) the importance-weighted form ``latent - logmeanexp_k [log p - log q]``, the
-    form of the published MuLAN / i-DODE numbers. It is a bound only when :attr:`iw_is_bound` (exact divergence,
-    or ``K = 1``); with Hutchinson probes inside the log-mean-exp it is an *estimate*, optimistic by about
-    ``iw_bias_nats`` (Jensen);
-    ``iw_bias_nats``: (B,) that bias for the probes' noise as measured from their spread
-    (:func:`importance_weighted`; 0 when :attr:`iw_is_bound`; NaN with one probe per solve, whose spread is
-    unknown);
+    form of the published MuLAN / i-DODE numbers. It is a bound only when :attr:`iw_is_bound` (``log p``
+    exact, or ``K = 1``); with Hutchinson probes or sampled divergence times inside the log-mean-exp it is an
+    *estimate*, optimistic by about ``iw_bias_nats`` (Jensen);
+    ``iw_bias_nats``: (B,) that bias for the noise of ``log p`` as measured from its estimated variance
+    (:func:`importance_weighted`; 0 when :attr:`iw_is_bound`; NaN with one probe per solve and the solver's
+    integral, whose spread is unknown);
     ``latent_nats``: (B,) the latent cost included (0 without a latent); ``nfe``: (B,) drift evaluations per ODE
     solve the image took part in (mean over its ``K`` draws); ``seconds_per_image``: wall-clock seconds per image
     of the call.
@@ -111,6 +117,7 @@ class ODELikelihood:
 
     nll_nats: Tensor
     bpd: Tensor
+    nll_var_nats: Tensor
     iw_nll_nats: Tensor
     iw_bpd: Tensor
     iw_bias_nats: Tensor
@@ -147,6 +154,7 @@ def ode_log_density(
     num_probes: int = 1,
     time_variable: str = DEFAULT_TIME_VARIABLE,
     divergence_atol: float | None = None,
+    divergence_samples: int | None = None,
 ) -> ODELogDensity:
     """``log p(x | ctx)`` of continuous data ``x`` (B, C, H, W) under the probability-flow ODE, in nats.
 
@@ -172,11 +180,19 @@ def ode_log_density(
     same ``rtol``/``atol`` as the state. A number: that absolute tolerance and no relative one (the integral is
     thousands of nats, so ``rtol`` alone would ask for hundredths of a nat). ``math.inf``: not controlled, the
     steps are those the trajectory alone needs and the integral is the dopri5 quadrature on them (docs:
-    evaluation, "Error control of the divergence integral")."""
+    evaluation, "Error control of the divergence integral").
+
+    ``divergence_samples`` (an even ``M``): the integral by stratified Monte Carlo instead of by the solver
+    (:func:`sampled_divergence_integral`): the trajectory alone is solved at ``rtol``/``atol`` (no divergence, no
+    vector-Jacobian product), and the divergence is evaluated at ``M`` times, one uniform in each of the strata
+    ``[i/M, (i+1)/M)``, at the trajectory's dense output, with fresh probes at each. ``log_p`` stays an unbiased
+    estimate of ``log p(x)`` up to the trajectory's error, ``log_p_var`` is a conservative estimate of its
+    variance (also with one probe) and ``nfe`` counts both the trajectory's evaluations and the ``M``."""
     if num_probes < 1:
         raise ValueError(f"num_probes must be at least 1, got {num_probes}.")
     if divergence_atol is not None and not divergence_atol > 0:
         raise ValueError(f"divergence_atol must be positive (math.inf: not controlled) or None, got {divergence_atol}.")
+    check_divergence_samples(divergence_samples, divergence_atol)
     if tuple(x.shape[1:]) != tuple(model.process.state_shape):
         raise ValueError(
             f"x must be a state of the process, (B, {', '.join(map(str, model.process.state_shape))}); got "
@@ -185,8 +201,16 @@ def ode_log_density(
         )
     ctx = as_context(ctx)
     x = x.to(dtype)
-    probes = None if exact_divergence else rademacher_like(x, generator, num_probes)
     f = ode.drift_in(model, ctx, time_variable, x.shape[0], dtype, x.device)
+    if divergence_samples is not None:
+        times = stratified_times(divergence_samples, x, generator)
+        path, trajectory_nfe = ode.solve_path(f, x, pad_times(times), rtol, atol, progress, "ODE trajectory")
+        integral, variance = sampled_divergence_integral(
+            f, times, path[1:-1], None if exact_divergence else num_probes, generator
+        )
+        log_p = standard_normal_log_density(path[-1]) + integral
+        return ODELogDensity(log_p, variance, path[-1], trajectory_nfe + divergence_samples)
+    probes = None if exact_divergence else rademacher_like(x, generator, num_probes)
 
     def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         velocity, div = ode.drift_and_divergence(f, t, state[0], probes)
@@ -206,6 +230,68 @@ def ode_log_density(
     else:
         variance = log_p.var(1) / num_probes
     return ODELogDensity(log_p.mean(1), variance, x_1, nfe)
+
+
+def check_divergence_samples(
+    divergence_samples: int | None, divergence_atol: float | None = None, prefix: str = ""
+) -> None:
+    """Refuse a ``divergence_samples`` that is not an even number of at least 2, or one given with a
+    ``divergence_atol`` (the sampled integral is not solved, so it has no tolerance). ``prefix``: of the option
+    names in the message (``"ode_"`` for the callback's)."""
+    name = f"{prefix}divergence_samples"
+    if divergence_samples is None:
+        return
+    if isinstance(divergence_samples, bool) or not isinstance(divergence_samples, int):
+        raise ValueError(f"{name} must be an even integer >= 2 or None, got {divergence_samples!r}.")
+    if divergence_samples < 2 or divergence_samples % 2:
+        raise ValueError(
+            f"{name} must be an even integer >= 2 (its strata are paired to estimate the variance), "
+            f"got {divergence_samples}."
+        )
+    if divergence_atol is not None:
+        raise ValueError(
+            f"{name} and {prefix}divergence_atol exclude each other: a sampled divergence integral is not "
+            "solved, so it has no tolerance. Set one of them."
+        )
+
+
+def stratified_times(num: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``num`` increasing times in ``[0, 1)``, one uniform in each stratum ``[i/num, (i+1)/num)``: (num,) in
+    ``x``'s dtype and device, from ``generator`` (on that device)."""
+    offsets = torch.rand(num, device=x.device, generator=generator, dtype=x.dtype)
+    return (torch.arange(num, device=x.device, dtype=x.dtype) + offsets) / num
+
+
+def pad_times(times: Tensor) -> Tensor:
+    """``0, times..., 1``: the output times of the trajectory solve for :func:`sampled_divergence_integral`."""
+    return torch.cat([times.new_zeros(1), times, times.new_ones(1)])
+
+
+def sampled_divergence_integral(
+    f: Callable[[Tensor, Tensor], Tensor],
+    times: Tensor,
+    states: Tensor,
+    num_probes: int | None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Stratified Monte Carlo estimate of ``int_0^1 div f(x(t), t) dt`` along a solved trajectory, in nats.
+
+    ``times`` (M,): one uniform time per stratum ``[i/M, (i+1)/M)`` (:func:`stratified_times`), ``M`` even;
+    ``states`` (M, B, ...): the trajectory there. At each time the divergence is the exact trace
+    (``num_probes=None``) or the mean of ``num_probes`` fresh Rademacher probes' Hutchinson estimates, so the
+    mean of the ``M`` values is unbiased for the integral along the trajectory, whatever the divergence does
+    between the solver's steps. Its variance ``(1/M^2) sum_i Var d_i`` is estimated from the pairs of neighbouring
+    strata, ``(1/M^2) sum_j (d_2j - d_2j+1)^2``, whose expectation is that plus the squared differences of the
+    pairs' means: conservative. Returns the estimate and that variance, two (B,) tensors."""
+    values = []
+    for t, x in zip(times, states, strict=True):
+        probes = None if num_probes is None else rademacher_like(x, generator, num_probes)
+        _, div = ode.drift_and_divergence(f, t, x, probes)
+        values.append(div.mean(1).to(x.dtype))
+    d = torch.stack(values, 1)  # (B, M)
+    num = d.shape[1]
+    variance = (d[:, 0::2] - d[:, 1::2]).square().sum(1) / num**2
+    return d.mean(1), variance
 
 
 def dequantise(
@@ -288,6 +374,7 @@ def ode_likelihood(
     solve_batch_size: int | None = None,
     time_variable: str = DEFAULT_TIME_VARIABLE,
     divergence_atol: float | None = None,
+    divergence_samples: int | None = None,
 ) -> ODELikelihood:
     """Bits/dim of 8-bit images by the probability-flow ODE with truncated-normal dequantisation.
 
@@ -319,11 +406,14 @@ def ode_likelihood(
 
     Call it on a model in eval mode (dropout would make the ODE's right-hand side random). Returns an
     :class:`ODELikelihood`. Solver options (``rtol``, ``atol``, ``dtype``, ``exact_divergence``, ``num_probes``,
-    ``time_variable``, ``divergence_atol``) as in :func:`ode_log_density`; the dequantisation, the latent and the
-    bound do not depend on the time variable."""
+    ``time_variable``, ``divergence_atol``, ``divergence_samples``) as in :func:`ode_log_density`; the
+    dequantisation, the latent and the bound do not depend on the time variable. With ``divergence_samples`` each
+    ``log p`` is an unbiased estimate (sampled times), so ``nll_nats`` is the mean of the single-draw bounds even
+    with the exact divergence."""
     model.check_images(images)
     if num_draws < 1:
         raise ValueError(f"num_draws must be at least 1, got {num_draws}.")
+    check_divergence_samples(divergence_samples, divergence_atol)
     if solve_batch_size is not None and solve_batch_size < 1:
         raise ValueError(f"solve_batch_size must be at least 1 (or None: all rows at once), got {solve_batch_size}.")
     start = time.perf_counter()
@@ -350,6 +440,7 @@ def ode_likelihood(
             num_probes,
             time_variable,
             divergence_atol,
+            divergence_samples,
         )
         log_p.append(part.log_p)
         log_p_var.append(part.log_p_var)
@@ -358,15 +449,17 @@ def ode_likelihood(
     log_w_var = torch.cat(log_p_var).view(num_draws, b)
     latent_nats = latent_cost.to(dtype)
     log_mean, bias = importance_weighted(log_w, log_w_var)
-    iw_is_bound = exact_divergence or num_draws == 1
+    exact_log_p = exact_divergence and divergence_samples is None  # no noise in log p: the log-mean-exp is a bound
+    iw_is_bound = exact_log_p or num_draws == 1
     iw_nll = latent_nats - log_mean
-    nll = iw_nll if exact_divergence else latent_nats - log_w.mean(0)
+    nll = iw_nll if exact_log_p else latent_nats - log_w.mean(0)
     if images.is_cuda:
         torch.cuda.synchronize(images.device)
     seconds = (time.perf_counter() - start) / b
     return ODELikelihood(
         nll_nats=nll,
         bpd=model.bpd(nll),
+        nll_var_nats=torch.zeros_like(nll) if exact_log_p else log_w_var.mean(0) / num_draws,
         iw_nll_nats=iw_nll,
         iw_bpd=model.bpd(iw_nll),
         iw_bias_nats=torch.zeros_like(bias) if iw_is_bound else bias,
@@ -383,6 +476,6 @@ def ode_likelihood_dataset(model: DiffusionModel, batches: Iterable[Tensor], **o
     parts = [ode_likelihood(model, batch.to(device), **options) for batch in batches]
     total = sum(p.nll_nats.shape[0] for p in parts)
     seconds = sum(p.seconds_per_image * p.nll_nats.shape[0] for p in parts) / total
-    names = ("nll_nats", "bpd", "iw_nll_nats", "iw_bpd", "iw_bias_nats", "latent_nats", "nfe")
+    names = ("nll_nats", "bpd", "nll_var_nats", "iw_nll_nats", "iw_bpd", "iw_bias_nats", "latent_nats", "nfe")
     cat = {name: torch.cat([getattr(p, name) for p in parts]) for name in names}
     return ODELikelihood(**cat, iw_is_bound=parts[0].iw_is_bound, seconds_per_image=seconds)

@@ -257,10 +257,34 @@ def solve(
     (``math.inf`` takes a component out of the error control: it is integrated on the steps the others set). TF32
     is off and no autograd graph is kept. Returns ``(state at t_end, number of evaluations)``.
     """
+    first = state[0] if isinstance(state, tuple) else state
+    times = torch.tensor([t_start, t_end], dtype=first.dtype, device=first.device)
+    path, nfe = solve_path(func, state, times, rtol, atol, progress, description)
+    end = tuple(p[-1] for p in path) if isinstance(state, tuple) else path[-1]
+    return end, nfe
+
+
+def solve_path(
+    func: Callable[[Tensor, State], State],
+    state: State,
+    times: Tensor,
+    rtol: float | tuple[float, ...] = 1e-5,
+    atol: float | tuple[float, ...] = 1e-5,
+    progress: bool = False,
+    description: str = "probability-flow ODE",
+) -> tuple[State, int]:
+    """:func:`solve` from ``times[0]`` through the monotone ``times`` (N,): the state at each of them, (N, B, ...)
+    per component, and the number of evaluations.
+
+    The steps are those :func:`solve` takes from ``times[0]`` to ``times[-1]``: the states at the times in between
+    come from dopri5's fourth-order dense output on those steps, so asking for them costs no evaluation and does
+    not move a step."""
     from torchdiffeq import odeint
 
     first = state[0] if isinstance(state, tuple) else state
-    nfe, reached, span = 0, 0.0, abs(t_end - t_start)
+    times = times.to(dtype=first.dtype, device=first.device)
+    t_start = float(times[0])
+    nfe, reached, span = 0, 0.0, abs(float(times[-1]) - t_start)
     with progress_bar(span, description, progress) as advance:
 
         def counted(t: Tensor, y: State) -> State:
@@ -273,7 +297,6 @@ def solve(
                     reached = distance
             return func(t, y)
 
-        times = torch.tensor([t_start, t_end], dtype=first.dtype, device=first.device)
         # per-component tolerances in the state's dtype (torchdiffeq would round them through float32)
         rtols, atols = (
             tuple(torch.tensor(v, dtype=first.dtype) for v in tol) if isinstance(tol, tuple) else tol
@@ -283,5 +306,4 @@ def solve(
             path = odeint(
                 counted, state, times, rtol=rtols, atol=atols, method="dopri5", options={"norm": per_example_norm}
             )
-    end = tuple(p[-1] for p in path) if isinstance(state, tuple) else path[-1]
-    return end, nfe
+    return path, nfe

@@ -26,7 +26,7 @@ from torchmetrics.aggregation import CatMetric
 
 from mulan.figures import image_grid, log_snr_spread, schedule_maps, snr_variance, superresolution_grid
 from mulan.lightning.task import DiffusionTask, split_batch
-from mulan.likelihood import DEFAULT_TIME_VARIABLE, dense_elbo, ode_likelihood
+from mulan.likelihood import DEFAULT_TIME_VARIABLE, check_divergence_samples, dense_elbo, ode_likelihood
 from mulan.ode import TIME_VARIABLES
 from mulan.sampling import SAMPLERS, ancestral_sample
 
@@ -58,7 +58,7 @@ def resolve_inception_weights(path: str | None) -> str:
     return str(candidate)
 
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 """Version of the on-disk layout of :class:`_ResultCache` (part of the fingerprint: a new layout starts afresh)."""
 
 
@@ -165,8 +165,11 @@ class EvaluationCallback(L.Callback):
     ODE bound ``{stage}/ode_bpd`` (+ ``_stderr``; see :func:`mulan.likelihood.ode_likelihood` for which bound), its
     mean NFE ``{stage}/ode_nfe`` and ``{stage}/ode_seconds_per_image``. With Hutchinson probes and ``ode_draws > 1``
     also the importance-weighted figure of the papers, ``{stage}/ode_iw_bpd``: an estimate, not a bound, optimistic
-    by about ``{stage}/ode_iw_bias_bpd`` (logged when ``ode_probes >= 2`` lets it be estimated). With
-    ``ode_exact_divergence`` the importance-weighted bound is the headline ``ode_bpd`` itself.
+    by about ``{stage}/ode_iw_bias_bpd`` (logged when ``ode_probes >= 2`` or ``ode_divergence_samples`` lets it be
+    estimated). With ``ode_exact_divergence`` (and the integral solved) the importance-weighted bound is the
+    headline ``ode_bpd`` itself. When each image's figure comes with an estimate of its own noise (several probes,
+    sampled divergence times, or the exact divergence), ``{stage}/ode_noise_bpd`` is the root mean square of the
+    images' standard deviations: the part of the spread between images that is the estimator's.
 
     With ``progress``, rank zero logs a line after each batch of the ODE stage: images done / total, the time
     spent and an estimate of the time left. With ``cache_dir``, the per-image results of a test (dense bits/dim;
@@ -177,7 +180,8 @@ class EvaluationCallback(L.Callback):
     would have given (each batch's random draws then come from a seed derived from the fingerprint and the batch's
     image keys instead of the global random state). Another model or setting never reuses them. Validation during
     fit does not use the cache (the weights change between validations). This rank's values of the last stage are
-    in :attr:`per_image`: image key -> ``{"dense_bpd", "ode_bpd", "ode_iw_bpd", "ode_iw_bias_bpd"}`` (bits/dim),
+    in :attr:`per_image`: image key -> ``{"dense_bpd", "ode_bpd", "ode_iw_bpd", "ode_iw_bias_bpd", "ode_noise_bpd"}``
+    (bits/dim),
     ``"ode_nfe"`` (drift evaluations per solve) and ``"ode_seconds"`` (wall-clock seconds per image of its call).
 
     Args:
@@ -201,6 +205,9 @@ class EvaluationCallback(L.Callback):
         ode_divergence_atol: the log-density integral's own absolute tolerance in nats (``.inf`` in YAML: not
             error-controlled, the trajectory sets the steps; None: ``ode_rtol``/``ode_atol`` like the state; docs:
             evaluation, "Error control of the divergence integral").
+        ode_divergence_samples: an even ``M``: the log-density integral by stratified sampling at ``M`` times on
+            the trajectory solved alone (unbiased; ``M`` more evaluations; the per-image noise is estimated and
+            logged as ``ode_noise_bpd``; docs: evaluation, "Sampled divergence integral"). None: solved.
         ode_solve_batch_size: (image, draw) rows per ODE solve (default: all of a batch's at once).
         ode_time_variable: the ODE's integration variable, ``"t"`` or ``"log_snr"`` (the normalised mean log-SNR
             time, :class:`mulan.ode.LogSNRTime`; the same bound, other steps; docs: evaluation, "Time variable").
@@ -231,6 +238,7 @@ class EvaluationCallback(L.Callback):
         ode_rtol: float = 1e-5,
         ode_atol: float = 1e-5,
         ode_divergence_atol: float | None = None,
+        ode_divergence_samples: int | None = None,
         ode_solve_batch_size: int | None = None,
         ode_time_variable: str = DEFAULT_TIME_VARIABLE,
         cache_dir: str | None = None,
@@ -247,6 +255,7 @@ class EvaluationCallback(L.Callback):
             raise ValueError(
                 f"ode_divergence_atol must be positive (.inf: not controlled) or null, got {ode_divergence_atol}."
             )
+        check_divergence_samples(ode_divergence_samples, ode_divergence_atol, prefix="ode_")
         self.ode_time_variable, self.cache_dir = ode_time_variable, cache_dir
         self.per_image: dict[str, dict[str, float]] = {}
         self._cache: _ResultCache | None = None
@@ -258,9 +267,9 @@ class EvaluationCallback(L.Callback):
         self.ode_images, self.ode_draws, self.ode_rtol, self.ode_atol = ode_images, ode_draws, ode_rtol, ode_atol
         self.ode_probes, self.ode_exact_divergence = ode_probes, ode_exact_divergence
         self.ode_solve_batch_size, self.sampler = ode_solve_batch_size, sampler
-        self.ode_divergence_atol = ode_divergence_atol
+        self.ode_divergence_atol, self.ode_divergence_samples = ode_divergence_atol, ode_divergence_samples
         self._ode_bpd, self._ode_iw_bpd, self._ode_iw_bias = CatMetric(), CatMetric(), CatMetric()
-        self._ode_nfe, self._dense_bpd = CatMetric(), CatMetric()
+        self._ode_nfe, self._dense_bpd, self._ode_noise = CatMetric(), CatMetric(), CatMetric()
         self._ode_seconds: list[float] = []
         self._ode_seen = 0
         self._sample_y: list[Tensor] = []
@@ -296,10 +305,16 @@ class EvaluationCallback(L.Callback):
     def _reports_iw(self) -> bool:
         """Whether the importance-weighted estimate is logged beside the bound (with the exact divergence it is the
         bound itself, and with one draw it equals it)."""
-        return self.ode_draws > 1 and not self.ode_exact_divergence
+        return self.ode_draws > 1 and not (self.ode_exact_divergence and self.ode_divergence_samples is None)
+
+    @property
+    def _noise_known(self) -> bool:
+        """Whether each image's ODE figure comes with an estimate of its own noise (several probes, sampled
+        divergence times, or none at all with the exact divergence integrated by the solver)."""
+        return self.ode_probes > 1 or self.ode_exact_divergence or self.ode_divergence_samples is not None
 
     def _own_metrics(self) -> list[Metric]:
-        return [self._dense_bpd, self._ode_bpd, self._ode_iw_bpd, self._ode_iw_bias, self._ode_nfe]
+        return [self._dense_bpd, self._ode_bpd, self._ode_iw_bpd, self._ode_iw_bias, self._ode_noise, self._ode_nfe]
 
     # ------------------------------------------------------------------ per stage
     def _start(self, trainer: L.Trainer, stage: str) -> None:
@@ -347,6 +362,7 @@ class EvaluationCallback(L.Callback):
             "ode_rtol": self.ode_rtol,
             "ode_atol": self.ode_atol,
             "ode_divergence_atol": self.ode_divergence_atol,
+            "ode_divergence_samples": self.ode_divergence_samples,
             "ode_solve_batch_size": self.ode_solve_batch_size,
             "ode_time_variable": self.ode_time_variable,
             "precision": trainer_precision,
@@ -435,6 +451,7 @@ class EvaluationCallback(L.Callback):
                     progress=self.progress and self._is_global_zero,
                     time_variable=self.ode_time_variable,
                     divergence_atol=self.ode_divergence_atol,
+                    divergence_samples=self.ode_divergence_samples,
                 )
             columns = {
                 "ode_bpd": result.bpd.tolist(),
@@ -442,6 +459,8 @@ class EvaluationCallback(L.Callback):
                 "ode_iw_bias_bpd": pl_module.model.bpd(result.iw_bias_nats).tolist(),
                 "ode_nfe": result.nfe.float().tolist(),
             }
+            if self._noise_known:  # otherwise NaN: unknown
+                columns["ode_noise_bpd"] = pl_module.model.bpd(result.nll_var_nats.sqrt()).tolist()
             entries = {}
             for j, i in enumerate(missing):
                 entries[keys[i]] = {name: values[j] for name, values in columns.items()}
@@ -459,8 +478,10 @@ class EvaluationCallback(L.Callback):
         self._ode_bpd.update(column("ode_bpd"))
         if self._reports_iw:
             self._ode_iw_bpd.update(column("ode_iw_bpd"))
-            if self.ode_probes > 1:  # one probe shows no spread: the bias is unknown (NaN)
+            if self._noise_known:  # one probe in a solved integral shows no spread: the bias is unknown (NaN)
                 self._ode_iw_bias.update(column("ode_iw_bias_bpd"))
+        if self._noise_known:
+            self._ode_noise.update(column("ode_noise_bpd"))
         self._ode_nfe.update(column("ode_nfe"))
         self._ode_seconds.extend(entry["ode_seconds"] for entry in results)
         self._report_progress(len(keys) - len(missing))
@@ -494,8 +515,10 @@ class EvaluationCallback(L.Callback):
             results[f"{stage}/ode_bpd_stderr"] = ode.std() / math.sqrt(ode.numel())
             if self._reports_iw:
                 results[f"{stage}/ode_iw_bpd"] = self._ode_iw_bpd.compute().mean()
-                if self.ode_probes > 1:
+                if self._noise_known:
                     results[f"{stage}/ode_iw_bias_bpd"] = self._ode_iw_bias.compute().mean()
+            if self._noise_known:  # the root mean square of the images' own standard deviations
+                results[f"{stage}/ode_noise_bpd"] = self._ode_noise.compute().reshape(-1).square().mean().sqrt()
             results[f"{stage}/ode_nfe"] = self._ode_nfe.compute().mean()
             seconds = self._ode_seconds or [0.0]
             results[f"{stage}/ode_seconds_per_image"] = torch.tensor(sum(seconds) / len(seconds))
