@@ -256,10 +256,12 @@ def check_divergence_samples(
 
 
 def stratified_times(num: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """``num`` increasing times in ``[0, 1)``, one uniform in each stratum ``[i/num, (i+1)/num)``: (num,) in
+    """``num`` increasing times in ``(0, 1)``, one uniform in each stratum ``[i/num, (i+1)/num)``: (num,) in
     ``x``'s dtype and device, from ``generator`` (on that device)."""
     offsets = torch.rand(num, device=x.device, generator=generator, dtype=x.dtype)
-    return (torch.arange(num, device=x.device, dtype=x.dtype) + offsets) / num
+    times = (torch.arange(num, device=x.device, dtype=x.dtype) + offsets) / num
+    eps = torch.finfo(x.dtype).eps  # strictly inside (0, 1): the solver's output times must increase strictly
+    return times.clamp(eps, 1 - eps)
 
 
 def pad_times(times: Tensor) -> Tensor:
