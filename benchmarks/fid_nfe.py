@@ -13,7 +13,11 @@ draw alone. A floor row gives the FID of the test split (real images, fewer of t
     python benchmarks/fid_nfe.py <digits checkpoint> --name digits_mulan --samples 1000
 
 Results are cached per (name, sampler, steps, seed) in ``benchmarks/results/fid_nfe.json`` (a run resumes);
-``--report-only`` prints the table and draws ``docs/figures/fid_nfe.png`` from it.
+``--report-only`` prints the table and draws ``docs/figures/fid_nfe.png`` from it. Two processes may fill one
+name's column with disjoint plans, e.g. the slow row alone in one of them:
+
+    python benchmarks/fid_nfe.py <ckpt> --name photos_mulan --ancestral 1000 --dpm --sde --noise-seeds 1
+    python benchmarks/fid_nfe.py <ckpt> --name photos_mulan --ancestral 25 50 256
 """
 
 from __future__ import annotations
@@ -79,10 +83,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         entry = results.setdefault(args.name, {})
 
-        def save() -> None:  # this run's entry into the file as it is now (runs of other names may write it too)
+        def save() -> None:
+            """Merge this run's rows into the file as it is now: other runs (of any name, or of this name with
+            other samplers or steps, e.g. the ancestral-1000 row in a second process) may write it too."""
             current = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-            current[args.name] = entry
-            RESULTS.write_text(json.dumps(current, indent=1))
+            current.setdefault(args.name, {}).update(entry)
+            partial = RESULTS.with_suffix(".json.partial")
+            partial.write_text(json.dumps(current, indent=1))
+            partial.replace(RESULTS)  # atomic: a reader never sees half a file
             results.update(current)
 
         run(args, entry, save)
