@@ -6,8 +6,9 @@ The features follow the checkpoint's data: :class:`~mulan.lightning.features.Dig
 for 1x8x8 images, :class:`~mulan.lightning.features.PhotoFeatures` (a classifier of which photo and region a crop
 comes from) for the photo crops. Real features: the images of the checkpoint's train loader (full batches). Every
 sampler draws the same number of images (FID is biased upwards at small N, equally for every row), and both
-DPM-Solvers at ``--noise-steps`` are repeated with ``--noise-seeds`` seeds to show how much FID moves with the
-draw alone. A floor row gives the FID of the test split (real images, fewer of them) against the same features.
+DPM-Solvers at ``--noise-steps`` are repeated with ``--noise-seeds`` seeds, and the reference every row is compared
+with, ancestral-256, with ``--reference-seeds``, to show how much FID moves with the draw
+alone. A floor row gives the FID of the test split (real images, fewer of them) against the same features.
 
     python benchmarks/fid_nfe.py runs/study/colour/mulan/seed0/every/step=2000.ckpt --name photos_mulan
     python benchmarks/fid_nfe.py <digits checkpoint> --name digits_mulan --samples 1000
@@ -34,6 +35,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fid_nfe.json"
 FIGURE = ROOT / "docs" / "figures" / "fid_nfe.png"
+REFERENCE = 256  # the ancestral steps every row is compared with
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -73,6 +75,9 @@ def main() -> None:
     parser.add_argument("--ancestral", type=int, nargs="*", default=[25, 50, 256, 1000], help="ancestral steps (= NFE)")
     parser.add_argument("--noise-steps", type=int, default=25, help="DPM-Solver steps repeated over seeds")
     parser.add_argument("--noise-seeds", type=int, default=3)
+    parser.add_argument(
+        "--reference-seeds", type=int, default=3, help=f"seeds of the reference row, ancestral-{REFERENCE} (when run)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
@@ -136,6 +141,8 @@ def run(args: argparse.Namespace, entry: dict, save) -> None:
     plan += [("dpm_solver_sde", s, 0) for s in args.sde]
     plan += [("dpm_solver_sde", args.noise_steps, seed) for seed in range(1, args.noise_seeds)]
     plan += [("ancestral", s, 0) for s in sorted(args.ancestral)]
+    if REFERENCE in args.ancestral:
+        plan += [("ancestral", REFERENCE, seed) for seed in range(1, args.reference_seeds)]
     for sampler, steps, seed in plan:
         key = f"{sampler}-{steps}-seed{seed}"
         if key in entry:
@@ -145,6 +152,10 @@ def run(args: argparse.Namespace, entry: dict, save) -> None:
         entry[key] = {"sampler": sampler, "nfe": steps, "seed": seed, "fid": fid(samples), "seconds": seconds}
         save()
         print(f"{args.name} {key}: FID {entry[key]['fid']:.3f} ({seconds:.0f} s)", flush=True)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def rows(entry: dict, sampler: str) -> dict[int, list[float]]:
@@ -162,10 +173,10 @@ def table(results: dict) -> str:
         lines += [
             f"\n{name}: {settings.get('samples')} samples per row vs {settings.get('real')} real train images, "
             f"{settings.get('features')} (test accuracy {settings.get('feature_test_accuracy', float('nan')):.3f})",
-            "| sampler | NFE | FID | vs ancestral-256 |",
+            f"| sampler | NFE | FID | vs ancestral-{REFERENCE} |",
             "|---|---|---|---|",
         ]
-        reference = rows(entry, "ancestral").get(256, [float("nan")])[0]
+        reference = mean(rows(entry, "ancestral").get(REFERENCE, [float("nan")]))
         for sampler in ("dpm_solver", "dpm_solver_sde", "ancestral"):
             for nfe, fids in rows(entry, sampler).items():
                 t = torch.tensor(fids)
@@ -194,15 +205,16 @@ def plot(results: dict) -> None:
         for sampler, style, label in (
             ("dpm_solver", "o-", "DPM-Solver++ 2M"),
             ("dpm_solver_sde", "^-", "SDE-DPM-Solver++ 2M"),
+            ("ancestral", "s--", "ancestral"),
         ):
             found = rows(entry, sampler)
-            line = ax.plot(list(found), [sum(v) / len(v) for v in found.values()], style, label=label)[0]
+            line = ax.plot(list(found), [mean(v) for v in found.values()], style, label=label)[0]
             for nfe, fids in found.items():
                 if len(fids) > 1:  # the seeds behind a mean
                     ax.plot([nfe] * len(fids), fids, ".", color=line.get_color(), ms=4)
-        ax.plot(list(anc), [v[0] for v in anc.values()], "s--", color="C2", label="ancestral")
-        if 256 in anc:
-            ax.axhspan(anc[256][0] * 0.9, anc[256][0] * 1.1, color="C2", alpha=0.15, label="ancestral-256 ± 10%")
+        if REFERENCE in anc:
+            ref = mean(anc[REFERENCE])
+            ax.axhspan(ref * 0.9, ref * 1.1, color="C2", alpha=0.15, label=f"ancestral-{REFERENCE} ± 10%")
         if "floor" in entry:
             ax.axhline(entry["floor"]["fid"], color="gray", ls=":", label=f"test split ({entry['floor']['images']})")
         ax.set_xscale("log")
