@@ -228,6 +228,7 @@ def _ddp_worker(out: str) -> None:
     for n in (12, 11):
         tester.test(module, datamodule=SyntheticDataModule(SHAPE, num_eval=n, eval_batch_size=4), verbose=False)
         results[f"test_{n}"] = module.test_results
+        results[f"logged_{n}"] = {k: float(v) for k, v in tester.callback_metrics.items() if k.startswith("test/")}
     # (d) the evaluation callback (dense ELBO and ODE bound, per image) over 11 images, one per batch
     callback = _evaluation_callback(out_dir / f"cache_{rank}", ode_images=2)
     L.Trainer(**ddp, callbacks=[callback]).test(module, datamodule=_eval_data(), verbose=False)
@@ -354,7 +355,8 @@ def test_ddp_step_equals_one_process_on_the_global_batch(ddp_results: dict) -> N
 def test_ddp_test_metric_equals_one_process(ddp_results: dict, n: int) -> None:
     """The test bound (mean and standard error per term) synced over 2 ranks equals the one-process value over
     the same n images. For n = 11 the DistributedSampler pads rank 1 with a duplicate of image 0; the module
-    drops that duplicate, so the count, mean and standard error are those of the 11 real images."""
+    drops that duplicate, so the count, mean and standard error are those of the 11 real images. What each rank
+    logs (``test/bpd``, ``test/bpd_stderr``, ``test/recon_bpd``) is that global value too."""
     module = _reference_module(ddp_results["ddp"][0]["final"])
     images = SyntheticDataModule(SHAPE, num_eval=n)._load_split("test")
     with torch.no_grad():
@@ -366,6 +368,10 @@ def test_ddp_test_metric_equals_one_process(ddp_results: dict, n: int) -> None:
             mean, stderr = results[name]
             assert mean == pytest.approx(values.mean().item(), rel=1e-6, abs=1e-9)
             assert stderr == pytest.approx((values.std() / math.sqrt(n)).item(), rel=1e-5, abs=1e-9)
+        logged = rank[f"logged_{n}"]  # what each rank logs is the global value (float32)
+        assert logged["test/bpd"] == pytest.approx(bpd["total"].mean().item(), rel=1e-6)
+        assert logged["test/bpd_stderr"] == pytest.approx((bpd["total"].std() / math.sqrt(n)).item(), rel=1e-5)
+        assert logged["test/recon_bpd"] == pytest.approx(bpd["recon"].mean().item(), rel=1e-6, abs=1e-9)
 
 
 def test_ddp_evaluation_callback_counts_every_image_once_with_one_process_values(
@@ -398,6 +404,8 @@ def test_ddp_evaluation_callback_counts_every_image_once_with_one_process_values
         assert logged["test/dense_bpd"] == pytest.approx(dense.mean().item(), rel=1e-5)
         assert logged["test/dense_bpd_stderr"] == pytest.approx((dense.std() / math.sqrt(11)).item(), rel=1e-4)
         assert logged["test/ode_bpd"] == pytest.approx(ode.mean().item(), rel=1e-5)
+    seconds = [rank["eval_logged"]["test/ode_seconds_per_image"] for rank in ddp_results["ddp"]]
+    assert seconds[0] == seconds[1] > 0  # each rank's own timing, averaged over the ranks: one figure logged
 
 
 # =========================================================================== 3. bad input

@@ -176,8 +176,10 @@ class DiffusionTask(L.LightningModule):
             mean, stderr = meter.compute()
             meter.reset()
             results[name] = (float(mean), float(stderr))
-        self.log_dict({f"{stage}/bpd" if n == "total" else f"{stage}/{n}_bpd": m for n, (m, _) in results.items()})
-        self.log(f"{stage}/bpd_stderr", results["total"][1])
+        # The meters are already synced over ranks (torchmetrics), so every rank holds the global values; sync_dist
+        # averages equal numbers (a no-op) and tells Lightning they are global, which silences its DDP warning.
+        logged = {f"{stage}/bpd" if n == "total" else f"{stage}/{n}_bpd": m for n, (m, _) in results.items()}
+        self.log_dict({**logged, f"{stage}/bpd_stderr": results["total"][1]}, sync_dist=True)
         return results
 
     def on_train_epoch_end(self) -> None:
