@@ -5,10 +5,10 @@ offline.
 The features follow the checkpoint's data: :class:`~mulan.lightning.features.DigitsFeatures` (a digits classifier)
 for 1x8x8 images, :class:`~mulan.lightning.features.PhotoFeatures` (a classifier of which photo and region a crop
 comes from) for the photo crops. Real features: the images of the checkpoint's train loader (full batches). Every
-sampler draws the same number of images (FID is biased upwards at small N, equally for every row), and both
-DPM-Solvers at ``--noise-steps`` are repeated with ``--noise-seeds`` seeds, and the reference every row is compared
-with, ancestral-256, with ``--reference-seeds``, to show how much FID moves with the draw
-alone. A floor row gives the FID of the test split (real images, fewer of them) against the same features.
+sampler draws the same number of images (FID is biased upwards at small N, equally for every row). Both DPM-Solvers
+at ``--noise-steps`` are repeated with ``--noise-seeds`` seeds, and the reference every row is compared with,
+ancestral-256, with ``--reference-seeds``: they show how much FID moves with the draw alone. A floor row gives the
+FID of the test split (real images, fewer of them) against the same features.
 
     python benchmarks/fid_nfe.py runs/study/colour/mulan/seed0/every/step=2000.ckpt --name photos_mulan
     python benchmarks/fid_nfe.py <digits checkpoint> --name digits_mulan --samples 1000
