@@ -7,7 +7,10 @@ for 1x8x8 images, :class:`~mulan.lightning.features.PhotoFeatures` (a classifier
 comes from) for the photo crops. Real features: the images of the checkpoint's train loader (full batches). Every
 sampler draws the same number of images (FID is biased upwards at small N, equally for every row). Both DPM-Solvers
 at ``--noise-steps`` are repeated with ``--noise-seeds`` seeds, and the reference every row is compared with,
-ancestral-256, with ``--reference-seeds``: they show how much FID moves with the draw alone. A floor row gives the
+ancestral-256, with ``--reference-seeds``: they show how much FID moves with the draw alone. The ± of such a row is
+the standard deviation of one draw's FID over its seeds (not divided by the square root of their number): the
+yardstick for a single-draw row; it covers the generated samples only (real images and features are fixed per
+column; docs: evaluation, "What each ± means"). A floor row gives the
 FID of the test split (real images, fewer of them) against the same features.
 
     python benchmarks/fid_nfe.py runs/study/colour/mulan/seed0/every/step=2000.ckpt --name photos_mulan

@@ -18,7 +18,6 @@ from mulan.likelihood import (
     check_divergence_samples,
     ode_likelihood,
     ode_log_density,
-    pad_times,
     stratified_times,
 )
 from mulan.processes import Context
@@ -29,18 +28,19 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 RUNS = 48
 
 
-def test_stratified_times_have_one_time_per_stratum() -> None:
-    times = stratified_times(16, torch.zeros(1, dtype=torch.float64), torch.Generator().manual_seed(0))
-    assert times.shape == (16,) and times.dtype == torch.float64
-    assert torch.equal(times.mul(16).floor(), torch.arange(16, dtype=torch.float64))
-    padded = pad_times(times)
-    assert padded[0] == 0 and padded[-1] == 1 and (padded.diff() > 0).all()
+def test_stratified_times_have_one_time_per_stratum_per_example() -> None:
+    """Each example gets its own times, one in each stratum, independent of the other examples'."""
+    times = stratified_times(16, torch.zeros(3, dtype=torch.float64), torch.Generator().manual_seed(0))
+    assert times.shape == (3, 16) and times.dtype == torch.float64
+    assert torch.equal(times.mul(16).floor(), torch.arange(16, dtype=torch.float64).expand(3, 16))
+    assert (times.diff(dim=1) > 0).all() and (times[0] != times[1]).all()
 
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_sampled_divergence_keeps_the_trajectorys_steps(schedule: str) -> None:
     """The trajectory is the one solved alone: the same ``x_1`` to 1e-12 with exactly ``M`` more evaluations (the
-    divergence's), and its dense output at the sampled times is the solution there to the solver's accuracy."""
+    divergence's); each example's states at its own times are the solution there to the solver's accuracy, and with
+    times shared by every example they are bit for bit :func:`mulan.ode.solve_path`'s dense output."""
     model, x, _ = _gaussian_case(_rotated_covariance(), SCHEDULES[schedule](), n=4, seed=0)
     f = ode.drift_in(model, Context(), "t", x.shape[0], torch.float64, x.device)
     x_1, trajectory_nfe = ode.solve(f, x, 0.0, 1.0)
@@ -50,13 +50,30 @@ def test_sampled_divergence_keeps_the_trajectorys_steps(schedule: str) -> None:
     assert result.nfe == trajectory_nfe + 16
     assert torch.allclose(result.x_1, x_1, rtol=0.0, atol=1e-12)
     times = stratified_times(16, x, torch.Generator().manual_seed(1))
-    path, nfe = ode.solve_path(f, x, pad_times(times))
-    tight, _ = ode.solve_path(f, x, pad_times(times), rtol=1e-10, atol=1e-10)
-    assert nfe == trajectory_nfe
-    for i in (0, 7, 15):
-        alone, _ = ode.solve(f, x, 0.0, float(times[i]), rtol=1e-10, atol=1e-10)
-        assert torch.allclose(tight[i + 1], alone, rtol=0.0, atol=1e-8), i  # the dense output is the solution
-        assert torch.allclose(path[i + 1], alone, rtol=0.0, atol=2e-3), i  # to the tolerance's global error
+    states, end, nfe = ode.solve_at(f, x, times)
+    tight, _, _ = ode.solve_at(f, x, times, rtol=1e-10, atol=1e-10)
+    assert nfe == trajectory_nfe and torch.equal(end, x_1)
+    for b, i in ((0, 0), (1, 7), (3, 15)):
+        alone, _ = ode.solve(f, x, 0.0, float(times[b, i]), rtol=1e-10, atol=1e-10)
+        assert torch.allclose(tight[i, b], alone[b], rtol=0.0, atol=1e-8), (b, i)  # the dense output is the solution
+        assert torch.allclose(states[i, b], alone[b], rtol=0.0, atol=2e-3), (b, i)  # to the tolerance's global error
+    shared = times[:1].expand(4, -1)
+    grid = torch.cat([torch.zeros(1, dtype=x.dtype), shared[0], torch.ones(1, dtype=x.dtype)])
+    path, path_nfe = ode.solve_path(f, x, grid)
+    states, end, nfe = ode.solve_at(f, x, shared)
+    assert nfe == path_nfe and torch.equal(states, path[1:-1]) and torch.equal(end, path[-1])
+
+
+def test_solve_at_without_the_solver_internals_gives_the_same_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback for another torchdiffeq layout (every example's times as output times of one solve) gives the
+    same states, end and evaluations."""
+    model, x, _ = _gaussian_case(_rotated_covariance(), SCHEDULES["scalar"](), n=3, seed=0)
+    f = ode.drift_in(model, Context(), "t", x.shape[0], torch.float64, x.device)
+    times = stratified_times(6, x, torch.Generator().manual_seed(2))
+    fast = ode.solve_at(f, x, times)
+    slow = ode._solve_at_union(f, x, times, 1e-5, 1e-5, False, "")
+    assert fast[2] == slow[2] and torch.equal(fast[1], slow[1])
+    torch.testing.assert_close(fast[0], slow[0], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("exact_divergence", [True, False])

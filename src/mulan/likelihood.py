@@ -100,9 +100,10 @@ class ODELikelihood:
     integrated by the solver), otherwise the mean of the ``K`` single-draw bounds (a bound in expectation over
     draws, probes and sampled times; docs: evaluation);
     ``bpd``: the same in bits per dimension (``nll_nats / (D ln 2)``);
-    ``nll_var_nats``: (B,) the estimated variance of one image's ``nll_nats`` over the probes and sampled times
-    (``sum_k Var log p_k / K^2``; 0 when ``log p`` is exact, NaN with one probe per solve and the solver's
-    integral), the ODE's own noise on top of the spread between images;
+    ``nll_var_nats``: (B,) the estimated variance of one image's ``nll_nats`` over the probes and sampled times,
+    given its dequantisation draws (``sum_k Var log p_k / K^2``: every (image, draw) row draws its own times and
+    probes, so the draws' estimates are independent; 0 when ``log p`` is exact, NaN with one probe per solve and
+    the solver's integral), the ODE's own noise on top of the spread between images;
     ``iw_nll_nats``, ``iw_bpd``: (B,) the importance-weighted form ``latent - logmeanexp_k [log p - log q]``, the
     form of the published MuLAN / i-DODE numbers. It is a bound only when :attr:`iw_is_bound` (``log p``
     exact, or ``K = 1``); with Hutchinson probes or sampled divergence times inside the log-mean-exp it is an
@@ -185,9 +186,11 @@ def ode_log_density(
     ``divergence_samples`` (an even ``M``): the integral by stratified Monte Carlo instead of by the solver
     (:func:`sampled_divergence_integral`): the trajectory alone is solved at ``rtol``/``atol`` (no divergence, no
     vector-Jacobian product), and the divergence is evaluated at ``M`` times, one uniform in each of the strata
-    ``[i/M, (i+1)/M)``, at the trajectory's dense output, with fresh probes at each. ``log_p`` stays an unbiased
-    estimate of ``log p(x)`` up to the trajectory's error, ``log_p_var`` is a conservative estimate of its
-    variance (also with one probe) and ``nfe`` counts both the trajectory's evaluations and the ``M``."""
+    ``[i/M, (i+1)/M)`` and drawn for each example on its own (:func:`stratified_times`), at the trajectory's dense
+    output (:func:`mulan.ode.solve_at`), with fresh probes at each: the examples' estimates are independent.
+    ``log_p`` stays an unbiased estimate of ``log p(x)`` up to the trajectory's error, ``log_p_var`` is a
+    conservative estimate of its variance (also with one probe) and ``nfe`` counts both the trajectory's
+    evaluations and the ``M``."""
     if num_probes < 1:
         raise ValueError(f"num_probes must be at least 1, got {num_probes}.")
     if divergence_atol is not None and not divergence_atol > 0:
@@ -203,13 +206,13 @@ def ode_log_density(
     x = x.to(dtype)
     f = ode.drift_in(model, ctx, time_variable, x.shape[0], dtype, x.device)
     if divergence_samples is not None:
-        times = stratified_times(divergence_samples, x, generator)
-        path, trajectory_nfe = ode.solve_path(f, x, pad_times(times), rtol, atol, progress, "ODE trajectory")
+        times = stratified_times(divergence_samples, x, generator)  # (B, M): each row its own times
+        states, x_1, trajectory_nfe = ode.solve_at(f, x, times, rtol, atol, progress, "ODE trajectory")
         integral, variance = sampled_divergence_integral(
-            f, times, path[1:-1], None if exact_divergence else num_probes, generator
+            f, times, states, None if exact_divergence else num_probes, generator
         )
-        log_p = standard_normal_log_density(path[-1]) + integral
-        return ODELogDensity(log_p, variance, path[-1], trajectory_nfe + divergence_samples)
+        log_p = standard_normal_log_density(x_1) + integral
+        return ODELogDensity(log_p, variance, x_1, trajectory_nfe + divergence_samples)
     probes = None if exact_divergence else rademacher_like(x, generator, num_probes)
 
     def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -256,17 +259,14 @@ def check_divergence_samples(
 
 
 def stratified_times(num: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """``num`` increasing times in ``(0, 1)``, one uniform in each stratum ``[i/num, (i+1)/num)``: (num,) in
-    ``x``'s dtype and device, from ``generator`` (on that device)."""
-    offsets = torch.rand(num, device=x.device, generator=generator, dtype=x.dtype)
+    """For each of the ``B = x.shape[0]`` examples its own ``num`` increasing times in ``(0, 1)``, one uniform in
+    each stratum ``[i/num, (i+1)/num)``, independent between examples: (B, num) in ``x``'s dtype and device, from
+    ``generator`` (on that device). Independent times make the examples' estimates independent (docs: math,
+    section 6), so their spread is an honest error bar."""
+    offsets = torch.rand(x.shape[0], num, device=x.device, generator=generator, dtype=x.dtype)
     times = (torch.arange(num, device=x.device, dtype=x.dtype) + offsets) / num
-    eps = torch.finfo(x.dtype).eps  # strictly inside (0, 1): the solver's output times must increase strictly
+    eps = torch.finfo(x.dtype).eps  # strictly inside (0, 1)
     return times.clamp(eps, 1 - eps)
-
-
-def pad_times(times: Tensor) -> Tensor:
-    """``0, times..., 1``: the output times of the trajectory solve for :func:`sampled_divergence_integral`."""
-    return torch.cat([times.new_zeros(1), times, times.new_ones(1)])
 
 
 def sampled_divergence_integral(
@@ -276,17 +276,20 @@ def sampled_divergence_integral(
     num_probes: int | None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Stratified Monte Carlo estimate of ``int_0^1 div f(x(t), t) dt`` along a solved trajectory, in nats.
+    """Stratified Monte Carlo estimate of ``int_0^1 div f(x(t), t) dt`` along each example's solved trajectory, in
+    nats.
 
-    ``times`` (M,): one uniform time per stratum ``[i/M, (i+1)/M)`` (:func:`stratified_times`), ``M`` even;
-    ``states`` (M, B, ...): the trajectory there. At each time the divergence is the exact trace
-    (``num_probes=None``) or the mean of ``num_probes`` fresh Rademacher probes' Hutchinson estimates, so the
-    mean of the ``M`` values is unbiased for the integral along the trajectory, whatever the divergence does
-    between the solver's steps. Its variance ``(1/M^2) sum_i Var d_i`` is estimated from the pairs of neighbouring
-    strata, ``(1/M^2) sum_j (d_2j - d_2j+1)^2``, whose expectation is that plus the squared differences of the
-    pairs' means: conservative. Returns the estimate and that variance, two (B,) tensors."""
+    ``times`` (B, M): each example's own time per stratum ``[i/M, (i+1)/M)`` (:func:`stratified_times`), ``M``
+    even; ``states`` (M, B, ...): the trajectories there (:func:`mulan.ode.solve_at`). At each time the divergence
+    is the exact trace (``num_probes=None``) or the mean of ``num_probes`` fresh Rademacher probes' Hutchinson
+    estimates (fresh per example too), so the mean of the ``M`` values is unbiased for the integral along the
+    trajectory, whatever the divergence does between the solver's steps. Its variance ``(1/M^2) sum_i Var d_i`` is
+    estimated from the pairs of neighbouring strata, ``(1/M^2) sum_j (d_2j - d_2j+1)^2``, whose expectation is that
+    plus the squared differences of the pairs' means: conservative (docs: math, section 6). With each example's
+    own times and probes the examples' estimates are independent, so the variance of a mean over examples is the
+    mean of these over their count. Returns the estimate and that variance, two (B,) tensors."""
     values = []
-    for t, x in zip(times, states, strict=True):
+    for t, x in zip(times.T, states, strict=True):
         probes = None if num_probes is None else rademacher_like(x, generator, num_probes)
         _, div = ode.drift_and_divergence(f, t, x, probes)
         values.append(div.mean(1).to(x.dtype))

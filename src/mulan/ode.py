@@ -307,3 +307,107 @@ def solve_path(
                 counted, state, times, rtol=rtols, atol=atols, method="dopri5", options={"norm": per_example_norm}
             )
     return path, nfe
+
+
+def solve_at(
+    func: Callable[[Tensor, Tensor], Tensor],
+    state: Tensor,
+    times: Tensor,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    progress: bool = False,
+    description: str = "probability-flow ODE",
+) -> tuple[Tensor, Tensor, int]:
+    """:func:`solve` of a tensor ``state`` (B, ...) from 0 to 1, with each example's state read off at its own times.
+
+    ``times`` (B, M), in ``(0, 1)``: example ``b``'s output times. Returns ``(states, end, nfe)``: ``states`` (M, B,
+    ...) with ``states[i, b]`` the state of example ``b`` at ``times[b, i]``, ``end`` (B, ...) the state at ``t = 1``
+    and the number of evaluations. The steps are exactly those of :func:`solve` (output times never move a step),
+    and each state comes from dopri5's fourth-order dense output on the step that holds its time, the same
+    polynomial :func:`solve_path` evaluates (bit for bit when all examples share their times). The pairs are read
+    off in time order as the solve passes them, so memory is that of the ``B M`` states returned, not ``B M`` full
+    batches."""
+    b = state.shape[0]
+    if times.dim() != 2 or times.shape[0] != b:
+        raise ValueError(f"times must be (B, M) with B = {b}, the state's batch; got {tuple(times.shape)}.")
+    try:
+        from torchdiffeq._impl.misc import _check_inputs
+        from torchdiffeq._impl.odeint import SOLVERS
+    except ImportError:  # another torchdiffeq layout: every example's times as output times of one solve (more memory)
+        return _solve_at_union(func, state, times, rtol, atol, progress, description)
+    flat = times.reshape(-1)
+    rows = torch.arange(b, device=state.device).repeat_interleave(times.shape[1])
+    nfe, reached = 0, 0.0
+    with progress_bar(1.0, description, progress) as advance:
+
+        def counted(t: Tensor, y: Tensor) -> Tensor:
+            nonlocal nfe, reached
+            nfe += 1
+            if progress and float(t) > reached:
+                advance(float(t) - reached)
+                reached = float(t)
+            return func(t, y)
+
+        with torch.no_grad(), tf32_disabled():
+            span = torch.tensor([0.0, 1.0], dtype=state.dtype, device=state.device)
+            options = {"norm": per_example_norm}
+            checked = _check_inputs(counted, state, span, rtol, atol, "dopri5", options, None, SOLVERS)
+            _, wrapped, y0, span, rtol_, atol_, method, options, _, _ = checked
+            solver = SOLVERS[method](func=wrapped, y0=y0, rtol=rtol_, atol=atol_, **options)
+            span = span.to(solver.dtype)
+            order = torch.argsort(flat)
+            pending = flat[order].to(solver.dtype)
+            out = state.new_empty(flat.shape[0], *state.shape[1:])
+            solver._before_integrate(span)
+            done = 0
+            while True:
+                rk = solver.rk_state
+                reached_pairs = int(torch.searchsorted(pending, rk.t1.reshape(1), right=True))
+                if reached_pairs > done:  # the pairs whose times this (accepted) step covers
+                    chosen = order[done:reached_pairs]
+                    out[chosen] = _interpolate_rows(
+                        rk.interp_coeff, rk.t0, rk.t1, pending[done:reached_pairs], rows[chosen]
+                    )
+                    done = reached_pairs
+                if not bool(span[1] > rk.t1):
+                    break
+                solver.rk_state = solver._adaptive_step(rk)
+            end = _interpolate_rows(
+                rk.interp_coeff, rk.t0, rk.t1, span[1].expand(b), torch.arange(b, device=state.device)
+            )
+    return out.view(b, times.shape[1], *state.shape[1:]).transpose(0, 1), end, nfe
+
+
+def _interpolate_rows(coefficients: list[Tensor], t0: Tensor, t1: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+    """dopri5's dense output ``e + d x + c x^2 + b x^3 + a x^4``, ``x = (t - t0) / (t1 - t0)``, of the examples
+    ``rows`` (N,) at their times ``t`` (N,): (N, ...). The arithmetic, in this order, of torchdiffeq's scalar-time
+    ``_interp_evaluate``."""
+    x = ((t - t0) / (t1 - t0)).to(coefficients[0].dtype).view(-1, *([1] * (coefficients[0].dim() - 1)))
+    total = coefficients[0][rows] + x * coefficients[1][rows]
+    power = x
+    for coefficient in coefficients[2:]:
+        power = power * x
+        total = total + power * coefficient[rows]
+    return total
+
+
+def _solve_at_union(
+    func: Callable[[Tensor, Tensor], Tensor],
+    state: Tensor,
+    times: Tensor,
+    rtol: float,
+    atol: float,
+    progress: bool,
+    description: str,
+) -> tuple[Tensor, Tensor, int]:
+    """:func:`solve_at` through :func:`solve_path` at the sorted union of all examples' times (memory ``B M``
+    full batches): for torchdiffeq versions without the solver internals :func:`solve_at` reads."""
+    b, m = times.shape
+    flat = times.reshape(-1)
+    order = torch.argsort(flat)
+    grid = torch.cat([flat.new_zeros(1), flat[order], flat.new_ones(1)])
+    path, nfe = solve_path(func, state, grid, rtol, atol, progress, description)
+    rows = torch.arange(b, device=state.device).repeat_interleave(m)
+    out = state.new_empty(b * m, *state.shape[1:])
+    out[order] = path[1:-1][torch.arange(b * m, device=state.device), rows[order]]
+    return out.view(b, m, *state.shape[1:]).transpose(0, 1), path[-1], nfe

@@ -25,6 +25,7 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import CatMetric
 
 from mulan.figures import image_grid, log_snr_spread, schedule_maps, snr_variance, superresolution_grid
+from mulan.lightning.metrics import evaluation_seed
 from mulan.lightning.task import DiffusionTask, split_batch
 from mulan.likelihood import DEFAULT_TIME_VARIABLE, check_divergence_samples, dense_elbo, ode_likelihood
 from mulan.ode import TIME_VARIABLES
@@ -58,7 +59,7 @@ def resolve_inception_weights(path: str | None) -> str:
     return str(candidate)
 
 
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 """Version of the on-disk layout of :class:`_ResultCache` (part of the fingerprint: a new layout starts afresh)."""
 
 
@@ -123,9 +124,8 @@ class _ResultCache:
 
 
 @contextlib.contextmanager
-def _seeded_rng(material: str, device: torch.device) -> Iterator[None]:
-    """Seed torch's global random state (CPU and ``device``) from a hash of ``material``; restore it after."""
-    seed = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "little") % (2**63)
+def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global random state (CPU and ``device``) with ``seed``; restore it after."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
@@ -169,7 +169,10 @@ class EvaluationCallback(L.Callback):
     estimated). With ``ode_exact_divergence`` (and the integral solved) the importance-weighted bound is the
     headline ``ode_bpd`` itself. When each image's figure comes with an estimate of its own noise (several probes,
     sampled divergence times, or the exact divergence), ``{stage}/ode_noise_bpd`` is the root mean square of the
-    images' standard deviations: the part of the spread between images that is the estimator's.
+    images' standard deviations: the part of the spread between images that is the estimator's (times and probes,
+    given the dequantisation draws). Every ``_stderr`` is ``std / sqrt(n)`` over the images, the standard error of
+    the mean: each (image, draw) row draws its own times, probes and noise, so the images are independent (docs:
+    evaluation, "What each ± means").
 
     With ``progress``, rank zero logs a line after each batch of the ODE stage: images done / total, the time
     spent and an estimate of the time left. With ``cache_dir``, the per-image results of a test (dense bits/dim;
@@ -177,8 +180,9 @@ class EvaluationCallback(L.Callback):
     keyed by a hash of the image's bytes (and of its conditioning input), under a fingerprint of the model's
     weights and every setting the values depend on: a test interrupted and started again with the same
     ``cache_dir`` recomputes only the images it had not finished, and gives the values the uninterrupted test
-    would have given (each batch's random draws then come from a seed derived from the fingerprint and the batch's
-    image keys instead of the global random state). Another model or setting never reuses them. Validation during
+    would have given. Each batch's random draws (with or without a cache) come from a seed of the run's seed, the
+    stage and the batch's image keys, not from the global random state, which is left as it was (docs: evaluation,
+    "Reproducible evaluation"). Another model or setting never reuses them. Validation during
     fit does not use the cache (the weights change between validations). This rank's values of the last stage are
     in :attr:`per_image`: image key -> ``{"dense_bpd", "ode_bpd", "ode_iw_bpd", "ode_iw_bias_bpd", "ode_noise_bpd"}``
     (bits/dim),
@@ -260,6 +264,7 @@ class EvaluationCallback(L.Callback):
         self.per_image: dict[str, dict[str, float]] = {}
         self._cache: _ResultCache | None = None
         self._stage = "test"
+        self._base_seed = 0
         self._is_global_zero = True
         self._ode_total = 0
         self._ode_computed, self._ode_compute_seconds, self._ode_started = 0, 0.0, 0.0
@@ -328,6 +333,7 @@ class EvaluationCallback(L.Callback):
         for metric in [*self.metrics.values(), *self._own_metrics()]:
             metric.reset()
         self._stage, self._is_global_zero = stage, trainer.is_global_zero
+        self._base_seed = int(getattr(trainer.lightning_module, "_base_seed", 0))
         self.per_image, self._occurrences, self._cache = {}, {}, None
         self._ode_computed, self._ode_compute_seconds, self._ode_started = 0, 0.0, time.perf_counter()
         planned = _planned_images(trainer, stage)
@@ -386,12 +392,10 @@ class EvaluationCallback(L.Callback):
         return self._cache
 
     def _seeded(self, what: str, keys: list[str], device: torch.device) -> contextlib.AbstractContextManager:
-        """With an on-disk cache: the global random state seeded from the fingerprint, ``what`` and the images' keys
-        for the duration (restored after), so a batch draws the same noise whether or not a run was interrupted."""
-        assert self._cache is not None
-        if self._cache.root is None:
-            return contextlib.nullcontext()
-        return _seeded_rng(f"{self._cache.root.name}/{what}/{','.join(keys)}", device)
+        """The global random state seeded from the run's seed, the stage, ``what`` and the images' keys for the
+        duration (restored after): a batch draws the same whether the test follows fit or runs alone, runs twice,
+        or was interrupted and resumed, and with or without a cache (docs: evaluation, "Reproducible evaluation")."""
+        return _seeded_rng(evaluation_seed(self._base_seed, self._stage, what, ",".join(keys)), device)
 
     def _batch(self, pl_module: DiffusionTask, batch: Tensor | tuple) -> None:
         if not self._active or self._seen >= self.num_images:
@@ -528,13 +532,15 @@ class EvaluationCallback(L.Callback):
             for start in range(0, per_rank, self.sample_batch_size):
                 count = min(self.sample_batch_size, per_rank - start)
                 y = None if given is None else given[torch.arange(start, start + count) % given.shape[0]]
-                samples = SAMPLERS[self.sampler](
-                    pl_module.model,
-                    count,
-                    steps=self.sample_steps,
-                    y=y,
-                    progress=self.progress and trainer.is_global_zero,
-                ).samples
+                seed = evaluation_seed(self._base_seed, stage, "samples", trainer.global_rank, start)
+                with _seeded_rng(seed, pl_module.device):  # each rank and batch its own draws, reproducibly
+                    samples = SAMPLERS[self.sampler](
+                        pl_module.model,
+                        count,
+                        steps=self.sample_steps,
+                        y=y,
+                        progress=self.progress and trainer.is_global_zero,
+                    ).samples
                 for metric in self.metrics.values():
                     metric.update(_rgb(samples), real=False)
             if "fid" in self.metrics:

@@ -1,6 +1,9 @@
-"""A torchmetrics metric for the mean and standard error of per-example values (bits/dim per term)."""
+"""A torchmetrics metric for the mean and standard error of per-example values (bits/dim per term), and the seeds of
+evaluation draws."""
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import Tensor
@@ -40,3 +43,12 @@ class MeanStdErr(Metric):
         if self.num_values == 1:
             return mean[0], stderr[0]
         return mean, stderr
+
+
+def evaluation_seed(base_seed: int, *parts: object) -> int:
+    """A seed in ``[0, 2^63)`` for evaluation draws: a hash of the run's seed and ``parts`` (stage, loader, batch
+    position, what is drawn, ...). The same arguments give the same seed in every process and session (no
+    dependence on Python's hash randomisation), and the streams never coincide with training's ``base_seed + 1 +
+    draw`` seeds except by a 2^-63 chance."""
+    material = "/".join(str(p) for p in (int(base_seed), *parts))
+    return int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "little") % 2**63

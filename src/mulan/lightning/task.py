@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mulan.latents import LatentFactory, NoLatent
 from mulan.lightning.checkpoint_io import load_checkpoint
-from mulan.lightning.metrics import MeanStdErr
+from mulan.lightning.metrics import MeanStdErr, evaluation_seed
 from mulan.lightning.optim import AdamW, LinearWarmup, parameter_groups
 from mulan.model import Bound, build_model
 from mulan.networks import DenoiserFactory, UNet
@@ -45,6 +45,33 @@ def split_batch(batch: Tensor | tuple | list) -> tuple[Tensor, Tensor | None]:
         images, y = batch
         return images, y
     return batch, None
+
+
+def check_options(
+    process_lr: float | None, process_weight_decay: float | None, process_width: int | None, sample_steps: int
+) -> None:
+    """Refuse values of :class:`DiffusionTask`'s numeric options that would train or sample wrongly, one clear line
+    each."""
+    if process_lr is not None and not process_lr > 0:
+        raise ValueError(
+            f"process_lr must be positive, got {process_lr}: a learning rate of 0 or below freezes the process or "
+            "trains it by gradient ascent. Give a value > 0, or leave it out to use the optimiser's."
+        )
+    if process_weight_decay is not None and not process_weight_decay >= 0:
+        raise ValueError(
+            f"process_weight_decay must be 0 or more, got {process_weight_decay}: a negative decay pushes the "
+            "process's weights away from zero. Give a value >= 0, or leave it out to use the optimiser's."
+        )
+    if process_width is not None and not process_width > 0:
+        raise ValueError(
+            f"process_width must be positive, got {process_width}: it is the fan-in above which the process's "
+            "weights learn at lr * process_width / fan_in. Give a value > 0 (default 64), or null for one rate."
+        )
+    if not sample_steps >= 1:
+        raise ValueError(
+            f"sample_steps must be at least 1, got {sample_steps}: it is the number of network evaluations per "
+            "sample of predict. Give a positive count (256 is usual for ancestral sampling)."
+        )
 
 
 class DiffusionTask(L.LightningModule):
@@ -104,6 +131,7 @@ class DiffusionTask(L.LightningModule):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}.")
+        check_options(process_lr, process_weight_decay, process_width, sample_steps)
         image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))  # saved as a tuple, like data's
         self.save_hyperparameters()
         self.model = build_model(
@@ -114,6 +142,9 @@ class DiffusionTask(L.LightningModule):
         self.process_lr, self.process_weight_decay, self.process_width = process_lr, process_weight_decay, process_width
         self.seed_every_step, self.sample_steps, self.sampler = seed_every_step, sample_steps, sampler
         self._base_seed = torch.initial_seed()
+        # One meter per stage and quantity. Those the components declare are built here, identically on every rank;
+        # a quantity a bound carries beyond them gets its meter when it first appears (:meth:`update_meters`). The
+        # meters' states are not saved in checkpoints (torchmetrics' default): neither way changes a checkpoint.
         self.meters = nn.ModuleDict(
             {f"{stage}_{name}": MeanStdErr() for stage in STAGES for name in self.model.term_names}
         )
@@ -129,12 +160,28 @@ class DiffusionTask(L.LightningModule):
         images, y = split_batch(batch)
         return self.model(images, y)
 
-    def _update(self, stage: str, bound: Bound) -> dict[str, Tensor]:
-        """Bits/dim per example of every quantity, added to the stage's meters; returned by name."""
+    def update_meters(self, stage: str, bound: Bound) -> dict[str, Tensor]:
+        """Bits/dim per example (B,) of every quantity the bound carries (``total``, the terms, extras such as
+        ``latent_surrogate``, penalties), by name as :meth:`Bound.as_dict`, each added to its meter of ``stage``
+        (``"train"``, ``"val"`` or ``"test"``); the epoch's means and standard errors are logged as
+        ``{stage}/bpd`` and ``{stage}/{name}_bpd``. A name met for the first time gets a meter on the module's
+        device, so the logged names are those the bound actually returns. Override to log more per step (call
+        this first)."""
         bpd = {name: self.model.bpd(value) for name, value in bound.as_dict().items()}
         for name, value in bpd.items():
-            cast(MeanStdErr, self.meters[f"{stage}_{name}"]).update(value.detach())
+            key = f"{stage}_{name}"
+            if key not in self.meters:  # a quantity the components did not declare (e.g. an undeclared surrogate)
+                self.meters[key] = MeanStdErr().to(value.device)
+            cast(MeanStdErr, self.meters[key]).update(value.detach())
         return bpd
+
+    def training_loss(self, bound: Bound) -> Tensor:
+        """The scalar training loss, in bits/dim: the batch mean of the bound plus the batch mean of each of its
+        penalties (training-only regularisers such as CVDM's). Override to change the objective (e.g. re-weight a
+        term; keep ``super().training_loss(bound)`` so the penalties stay in); :meth:`training_step` checks that
+        the result is finite, logs it as ``train/bpd_step`` and returns it. Validation and test do not use it."""
+        penalties = (self.model.bpd(value).mean() for value in bound.penalties.values())
+        return self.model.bpd(bound.total).mean() + sum(penalties, torch.zeros(()))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Seed this micro-batch's draws from (run seed, optimiser step, micro-batch within the step, rank)."""
@@ -144,12 +191,54 @@ class DiffusionTask(L.LightningModule):
             draw = (self.global_step * accumulate + batch_idx % accumulate) * world + rank
             torch.manual_seed((self._base_seed + 1 + draw) % 2**63)
 
+    def on_validation_start(self) -> None:
+        self._hold_random_state()
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._seed_evaluation("val", batch_idx, dataloader_idx)
+
+    def on_validation_end(self) -> None:
+        self._release_random_state()
+
+    def on_test_start(self) -> None:
+        self._hold_random_state()
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._seed_evaluation("test", batch_idx, dataloader_idx)
+
+    def on_test_end(self) -> None:
+        self._release_random_state()
+
+    def _seed_evaluation(self, stage: str, batch_idx: int, dataloader_idx: int) -> None:
+        """Seed an evaluation batch's draws (times, noise, latents) from (run seed, stage, loader, global batch
+        position ``batch_idx * world_size + rank``): a test after fit, ``mulan-cli test`` and a repeated test of the
+        same weights draw the same, whatever training left in the random state, and DDP ranks draw apart (docs:
+        evaluation, "Reproducible evaluation")."""
+        position = batch_idx * self.trainer.world_size + self.trainer.global_rank
+        torch.manual_seed(evaluation_seed(self._base_seed, stage, dataloader_idx, position))
+
+    def _hold_random_state(self) -> None:
+        """Keep the global random state (CPU, and this CUDA device's) to put back after the stage: training after a
+        validation then draws what it would have drawn without it."""
+        cuda = self.device.type == "cuda"
+        held = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+        self._held_random_state: tuple[Tensor, Tensor | None] | None = held
+
+    def _release_random_state(self) -> None:
+        held = getattr(self, "_held_random_state", None)
+        if held is None:
+            return
+        torch.set_rng_state(held[0])
+        if held[1] is not None:
+            torch.cuda.set_rng_state(held[1], self.device)
+        self._held_random_state = None
+
     def training_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
         bound = self.bound(batch)
-        bpd = self._update("train", bound)
-        loss = bpd["total"].mean() + sum((bpd[name].mean() for name in bound.penalties), torch.zeros(()))
+        bpd = self.update_meters("train", bound)
+        loss = self.training_loss(bound)
         if not torch.isfinite(loss):
-            bad = {name: float(value.mean()) for name, value in bpd.items()}
+            bad = {name: float(value.detach().mean()) for name, value in bpd.items()}
             raise FloatingPointError(
                 f"non-finite loss at global step {self.global_step} (bits/dim per term: {bad}); training "
                 "stopped. The last good checkpoint is kept; lower the learning rate or check the data."
@@ -158,10 +247,10 @@ class DiffusionTask(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Tensor | tuple, batch_idx: int) -> None:
-        self._update("val", self.bound(batch))
+        self.update_meters("val", self.bound(batch))
 
     def test_step(self, batch: Tensor | tuple, batch_idx: int) -> None:
-        self._update("test", self.bound(batch))
+        self.update_meters("test", self.bound(batch))
 
     def predict_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
         """As many samples of ``sampler`` at ``sample_steps`` (uint8 (B, C, H, W), ``z`` from the prior; given the
@@ -171,8 +260,9 @@ class DiffusionTask(L.LightningModule):
 
     def _log_epoch(self, stage: str) -> dict[str, tuple[float, float]]:
         results = {}
-        for name in self.model.term_names:
-            meter = cast(MeanStdErr, self.meters[f"{stage}_{name}"])
+        prefix = f"{stage}_"
+        for name in [key.removeprefix(prefix) for key in self.meters if key.startswith(prefix)]:
+            meter = cast(MeanStdErr, self.meters[prefix + name])
             mean, stderr = meter.compute()
             meter.reset()
             results[name] = (float(mean), float(stderr))
