@@ -8,7 +8,8 @@ chosen so that ``gamma(0) = gamma_min`` and ``gamma(1) = gamma_max``, gives
     dgamma/dt   = 4 (theta_max - theta_min) / sin(2 theta(t))
 
 Because the endpoints are fixed, the reconstruction and prior terms are the same as for any other schedule
-with those endpoints (``fixed_endpoints = True``); only the diffusion term changes. Use it from YAML with
+with those endpoints; the class declares it (``fixed_endpoints = True``, which construction checks), so the bound
+uses the constants. Only the diffusion term changes. Use it from YAML with
 ``examples/cosine_schedule.yaml``::
 
     python -m mulan fit --config examples/cosine_schedule.yaml
@@ -36,7 +37,7 @@ class CosineSchedule(NoiseSchedule):
     """
 
     multivariate = False
-    fixed_endpoints = True
+    fixed_endpoints = True  # gamma(0) = gamma_min and gamma(1) = gamma_max exactly (checked when built)
 
     def __init__(
         self,

@@ -1,13 +1,17 @@
 """Subclassing the LightningModule: extra logging and a (documented) loss weighting.
 
-``TermLoggingModule`` keeps everything :class:`mulan.lightning.module.DiffusionTask` does and adds
+``TermLoggingModule`` keeps everything :class:`mulan.lightning.DiffusionTask` does and adds
 
 * per-term training curves (``train/recon_bpd_step``, ``train/diffusion_bpd_step``, ...) every step, and
 * an optional weight on the diffusion term of the *training* loss. With ``diffusion_weight=1`` (default) the
-  loss is the bound itself; any other value optimises a re-weighted objective. Validation and test are not
-  touched, so ``val/bpd`` and ``test/bpd`` stay the honest bound.
+  loss is the bound itself (plus the process's training-only penalties, if it has any); any other value
+  optimises a re-weighted objective. Validation and test are not touched, so ``val/bpd`` and ``test/bpd`` stay
+  the honest bound.
 
-Run it from Python (``python -m examples.custom_module``) or from YAML (``examples/custom_module.yaml``)::
+It overrides only the task's public hooks: :meth:`~mulan.lightning.DiffusionTask.update_meters` (what each step adds to
+the epoch meters, returned in bits/dim by name) and :meth:`~mulan.lightning.DiffusionTask.training_loss` (the
+objective). Run it from Python (``python -m examples.custom_module``) or from YAML
+(``examples/custom_module.yaml``)::
 
     python -m mulan fit --config examples/custom_module.yaml
 
@@ -25,6 +29,7 @@ from torch import Tensor
 from mulan.latents import KHotLatent
 from mulan.lightning import DiffusionTask
 from mulan.lightning.data import EmbeddedDataModule
+from mulan.model import Bound
 from mulan.networks import UNet
 from mulan.schedules import Polynomial
 
@@ -43,13 +48,17 @@ class TermLoggingModule(DiffusionTask):
         super().__init__(*args, **kwargs)
         self.diffusion_weight, self.log_terms = diffusion_weight, log_terms
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        bpd = self._update("train", self.bound(batch))  # bits/dim per example, by name; the epoch meters see it
-        if self.log_terms:
+    def update_meters(self, stage: str, bound: Bound) -> dict[str, Tensor]:
+        bpd = super().update_meters(stage, bound)  # bits/dim per example, by name; the epoch meters have seen them
+        if stage == "train" and self.log_terms:
             for name, values in bpd.items():
                 self.log(f"train/{name}_bpd_step", values.mean())
-        excess = (self.diffusion_weight - 1.0) * bpd["diffusion"]
-        loss = (bpd["total"] + excess).mean()
+        return bpd
+
+    def training_loss(self, bound: Bound) -> Tensor:
+        loss = super().training_loss(bound)  # the bound in bits/dim, plus the process's penalties
+        if self.diffusion_weight != 1.0:
+            loss = loss + (self.diffusion_weight - 1.0) * self.model.bpd(bound.diffusion).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -131,6 +131,12 @@ def test_a_new_component_is_at_most_30_lines_plus_one_yaml_block(example: str, s
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/bpd_step"])
 
 
+def test_power_time_and_score_parameterisation_mains() -> None:
+    """The two examples that docs/extending.md lists without a test of their own: their ``main()`` runs."""
+    assert power_time.main() == pytest.approx(1.0, abs=0.02)  # the weighted mean of 3 t^2, exactly 1 in expectation
+    assert score_parameterisation.main()["round_trip_error"] < 1e-5
+
+
 def test_power_time_is_unbiased() -> None:
     """E_pi[f(t) / pi(t)] = int_0^1 f(t) dt for f(t) = 3 t^2 (exactly 1), within 4 standard errors; the
     proposal does concentrate times near 0."""

@@ -235,3 +235,92 @@ def test_deep_copies_share_the_optimiser_factories() -> None:
     assert twin.lr_scheduler_factory is module.lr_scheduler_factory
     assert twin.model is not module.model  # the model itself is copied
     assert isinstance(twin.configure_optimizers()["optimizer"], AdamW)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("process_lr", -1e-3, r"process_lr must be positive, got -0.001: .*gradient ascent\. Give a value > 0"),
+        ("process_lr", 0.0, r"process_lr must be positive, got 0.0"),
+        ("process_lr", float("nan"), r"process_lr must be positive, got nan"),
+        ("process_weight_decay", -0.01, r"process_weight_decay must be 0 or more, got -0.01: .*Give a value >= 0"),
+        ("process_width", 0, r"process_width must be positive, got 0: .*or null for one rate"),
+        ("process_width", -64, r"process_width must be positive, got -64"),
+        ("sample_steps", 0, r"sample_steps must be at least 1, got 0: .*Give a positive count"),
+    ],
+)
+def test_bad_numeric_options_are_refused_with_the_fix(option: str, value: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        tiny_module(process=FixedLinear, latent=NoLatent, **{option: value})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options", [{"process_lr": 1e-6, "process_weight_decay": 0.0, "process_width": 1, "sample_steps": 1}, {}]
+)
+def test_edge_values_of_the_numeric_options_are_accepted(options: dict) -> None:
+    options = options or {"process_lr": None, "process_weight_decay": None, "process_width": None}
+    module = tiny_module(process=FixedLinear, latent=NoLatent, **options)
+    assert all(getattr(module, name) == value for name, value in options.items())
+
+
+class Penalised(FixedLinear):
+    """FixedLinear with a training-only penalty of 3 nats per image plus the image's mean value."""
+
+    penalty_names = ("extra",)
+
+    def penalties(self, x, ctx):
+        return {"extra": 3.0 + x.flatten(1).mean(1)}
+
+
+def test_training_loss_is_the_bound_plus_its_penalties_and_the_step_returns_it() -> None:
+    torch.manual_seed(0)
+    module = tiny_module(process=Penalised, latent=NoLatent)
+    images = torch.randint(0, 256, (4, *SHAPE), dtype=torch.uint8)
+    torch.manual_seed(1)
+    bound = module.bound(images)
+    nats = bound.total + 3.0 + (images.float() * (2 / 255) - 1).flatten(1).mean(1)  # x in [-1, 1]
+    expected = (nats / (64 * math.log(2))).mean()
+    torch.testing.assert_close(module.training_loss(bound), expected, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(1)
+    torch.testing.assert_close(module.training_step(images, 0), expected, rtol=1e-6, atol=1e-6)
+
+
+class HalfDiffusion(DiffusionTask):
+    def training_loss(self, bound):
+        return super().training_loss(bound) - 0.5 * self.model.bpd(bound.diffusion).mean()
+
+
+def test_training_step_uses_an_overridden_training_loss_and_records_every_quantity() -> None:
+    torch.manual_seed(0)
+    options = {"image_shape": SHAPE, "denoiser": partial(UNet, channels=16, num_blocks=1, dropout=0.0)}
+    module = HalfDiffusion(**options, process=Penalised)
+    images = torch.randint(0, 256, (4, *SHAPE), dtype=torch.uint8)
+    torch.manual_seed(1)
+    bound = module.bound(images)
+    torch.manual_seed(1)
+    loss = module.training_step(images, 0)
+    expected = DiffusionTask.training_loss(module, bound) - 0.5 * module.model.bpd(bound.diffusion).mean()
+    torch.testing.assert_close(loss, expected)
+    # the step recorded every quantity of the bound (the penalty included) in the train meters, once
+    for name, value in bound.as_dict().items():
+        mean, _ = module.meters[f"train_{name}"].compute()
+        torch.testing.assert_close(mean.float(), module.model.bpd(value).mean().detach(), rtol=1e-5, atol=1e-6)
+
+
+class UndeclaredExtra(NoLatent):
+    """A latent that returns a surrogate without declaring ``surrogate = True``."""
+
+    def forward(self, x):
+        sample = super().forward(x)
+        sample.kl_surrogate = torch.full_like(sample.kl, 2.0)
+        return sample
+
+
+def test_a_quantity_the_components_do_not_declare_gets_its_meter_when_the_bound_carries_it() -> None:
+    module = tiny_module(process=FixedLinear, latent=UndeclaredExtra)
+    assert "latent_surrogate" not in module.model.term_names and "train_latent_surrogate" not in module.meters
+    bpd = module.update_meters("val", module.bound(torch.zeros(3, *SHAPE, dtype=torch.uint8)))
+    assert bpd.keys() == {"total", "recon", "prior", "diffusion", "latent", "latent_surrogate"}
+    mean, _ = module.meters["val_latent_surrogate"].compute()
+    assert mean.item() == pytest.approx(2.0 / (64 * math.log(2)))

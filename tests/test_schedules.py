@@ -7,6 +7,7 @@ docs: math, section 2: gamma is the negative log-SNR, increasing in t; FixedLine
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -298,3 +299,128 @@ def test_bad_arguments_raise_value_error():
         Polynomial(SHAPE, 3, gamma_min=0.0, gamma_max=-1.0)
     with pytest.raises(ValueError, match="reduce"):
         Polynomial(SHAPE, 3, reduce="bogus")
+
+
+# ---------------------------------------------------------------------------------------------- declared endpoints
+class ShiftedLinear(NoiseSchedule):
+    """A user schedule with learned endpoints ``b`` and ``b + |w|`` that starts away from gamma_min / gamma_max and
+    leaves ``fixed_endpoints`` alone, as docs/extending.md says to."""
+
+    def __init__(self, image_shape, latent_dim, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> None:
+        super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
+        self.b = torch.nn.Parameter(torch.tensor(gamma_min + 1.5))
+        self.w = torch.nn.Parameter(torch.tensor(gamma_max - gamma_min - 2.5))
+
+    def gamma_and_derivative(self, t, ctx):
+        return self.b + self.w.abs() * t, self.w.abs().expand_as(t)
+
+
+class ShiftedLinearDeclared(ShiftedLinear):
+    fixed_endpoints = False
+
+
+class ZeroDenoiser(torch.nn.Module):
+    def forward(self, x_t, gamma, z=None):
+        return torch.zeros_like(x_t)
+
+
+def test_a_schedule_with_learned_endpoints_that_leaves_fixed_endpoints_alone_gets_its_own_bound() -> None:
+    """Every term of the bound is that of the same schedule declaring ``fixed_endpoints = False``, and the
+    reconstruction and prior terms are those of its own endpoints, not of the constants gamma_min / gamma_max."""
+    from mulan import elbo
+    from mulan.model import DiffusionModel
+
+    shape = (1, 4, 4)
+    models = [DiffusionModel(shape, cls(shape, 0), ZeroDenoiser()) for cls in (ShiftedLinear, ShiftedLinearDeclared)]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, *shape), generator=g, dtype=torch.uint8)
+    t, eps, noise = torch.rand(6, generator=g), torch.randn(6, *shape, generator=g), torch.randn(6, *shape, generator=g)
+    silent, declared = (model(images, t=t, eps=eps, recon_noise=noise).as_dict() for model in models)
+    assert silent.keys() == declared.keys()
+    for name in declared:
+        assert torch.equal(silent[name], declared[name]), name
+    x = elbo.to_unit_interval(images)
+    own_0, own_1 = torch.full((6, 1, 1, 1), GAMMA_MIN + 1.5), torch.full((6, 1, 1, 1), GAMMA_MAX - 1.0)
+    torch.testing.assert_close(silent["recon"], elbo.reconstruction_loss(images, own_0, noise))
+    torch.testing.assert_close(silent["prior"], elbo.prior_loss(x, own_1))
+    assert not torch.allclose(silent["prior"], elbo.prior_loss(x, torch.full_like(own_1, GAMMA_MAX)))
+
+
+class WrongStart(ShiftedLinear):
+    fixed_endpoints = True  # false: gamma(0) = gamma_min + 1.5
+
+
+class LearnedButDeclared(LearnedScalar):
+    fixed_endpoints = True  # false: right at initialisation, but b and |w| are trained
+
+
+class LatentEnd(NoiseSchedule):
+    """gamma(1) = gamma_max + 0.1 mean(z): exact for z = 0 only."""
+
+    fixed_endpoints = True
+
+    def __init__(self, image_shape, latent_dim) -> None:
+        super().__init__(image_shape, latent_dim, GAMMA_MIN, GAMMA_MAX)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    def gamma_and_derivative(self, t, ctx):
+        end = GAMMA_MAX + 0.1 * ctx.z.mean(1).reshape(-1, 1, 1, 1)
+        return GAMMA_MIN + (end - GAMMA_MIN) * t, (end - GAMMA_MIN).expand_as(t)
+
+
+class NeedsY(LatentEnd):
+    def gamma_and_derivative(self, t, ctx):
+        return GAMMA_MIN + SPAN * t + 0 * ctx.y.float().mean(), torch.full_like(t, SPAN)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: WrongStart(SHAPE, 0), r"WrongStart declares fixed_endpoints = True, but gamma\(0\) is 1.5 away"),
+        (
+            lambda: LearnedButDeclared(SHAPE, 0),
+            r"gamma\(0\) is .* from gamma_min .* trainable parameters perturbed",
+        ),
+        (lambda: LatentEnd(SHAPE, LATENT), r"gamma\(1\) is .* away from gamma_max = 5.0 on a probe context:"),
+        (lambda: NeedsY(SHAPE, LATENT), r"could not be evaluated on the probe context .*override endpoint_probe"),
+    ],
+    ids=["wrong-at-init", "learned", "depends-on-z", "no-probe-for-y"],
+)
+def test_a_false_fixed_endpoints_declaration_is_refused_at_construction(build, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_the_library_s_fixed_endpoints_pass_the_check_and_leave_weights_and_random_state_as_built(monkeypatch) -> None:
+    """Each built-in process that declares fixed endpoints is built; the check then changes neither its parameters
+    (restored bit for bit after the perturbation) nor the global random state: the same as a build without it."""
+    from mulan.processes import CVDM, DiffEnc
+    from mulan.processes.diagonal import DiagonalProcess
+
+    builds = {
+        "fixed_linear": lambda: FixedLinear(SHAPE, 0),
+        "monotone_nn_fixed": lambda: MonotoneNN(SHAPE, 0, features=16, learn_endpoints=False),
+        "polynomial": lambda: Polynomial(SHAPE, LATENT, hidden=16),
+        "polynomial_mean": lambda: Polynomial(SHAPE, LATENT, hidden=16, reduce="mean"),
+        "polynomial_no_latent": lambda: Polynomial(SHAPE, 0, hidden=16, init="linear"),
+        "cvdm": lambda: CVDM(SHAPE, 0, condition_channels=2, features=16, channels=8),
+        "diffenc": lambda: DiffEnc(SHAPE, 0, schedule=partial(MonotoneNN, features=16, learn_endpoints=False)),
+    }
+
+    def build_all() -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+        torch.manual_seed(0)
+        states = {}
+        for name, build in builds.items():
+            process = build()
+            assert process.fixed_endpoints, name
+            states[name] = {k: v.clone() for k, v in process.state_dict().items()}
+        return states, torch.random.get_rng_state()
+
+    checked, rng_checked = build_all()
+    monkeypatch.setattr(DiagonalProcess, "check_fixed_endpoints", lambda self: None)
+    unchecked, rng_unchecked = build_all()
+    assert torch.equal(rng_checked, rng_unchecked)
+    for name in builds:
+        assert checked[name].keys() == unchecked[name].keys()
+        for key in checked[name]:
+            assert torch.equal(checked[name][key], unchecked[name][key]), (name, key)

@@ -31,7 +31,10 @@ class LatentSample:
 
 
 class Latent(nn.Module):
-    """Base class: ``dim`` is the size of ``z`` (0: none); ``surrogate``: whether samples carry a surrogate cost."""
+    """Base class: ``dim`` is the size of ``z`` (0: none); ``surrogate``: declares that samples carry a surrogate
+    cost (``kl_surrogate``). The declaration only lets the model name it in advance (:attr:`DiffusionModel.term_names
+    <mulan.model.DiffusionModel.term_names>`): a surrogate that a latent returns without declaring it is still
+    reported."""
 
     dim: int = 0
     surrogate: bool = False

@@ -126,7 +126,10 @@ class DiffusionModel(nn.Module):
 
     @property
     def term_names(self) -> tuple[str, ...]:
-        """Names of everything :meth:`forward` returns, as in :meth:`Bound.as_dict`."""
+        """The names the components declare for what :meth:`forward` returns, in the order of :meth:`Bound.as_dict`:
+        ``total``, the terms, ``latent_surrogate`` when the latent declares ``surrogate = True``, the process's
+        ``penalty_names``. A bound may carry more (a latent that returns a surrogate without declaring it); the
+        Lightning task logs whatever each bound actually carries."""
         extras = ("latent_surrogate",) if self.latent.surrogate else ()
         return ("total", *BOUND_TERMS, *extras, *self.process.penalty_names)
 

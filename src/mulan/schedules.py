@@ -32,6 +32,9 @@ class NoiseSchedule(DiagonalProcess):
 
     ``latent_dim`` is the size of the latent ``z`` the schedule may condition on (0: none). Subclasses implement
     :meth:`gamma_and_derivative` on float32 times (B, 1, 1, 1) and the context ``ctx`` (``ctx.z``: (B, m) or None).
+    The endpoints ``gamma(0)``, ``gamma(1)`` are evaluated from the schedule unless the subclass declares
+    ``fixed_endpoints = True``, which construction checks
+    (:meth:`~mulan.processes.DiagonalProcess.check_fixed_endpoints`).
     """
 
     def __init__(self, image_shape: ImageShape, latent_dim: int, gamma_min: float, gamma_max: float) -> None:
@@ -41,6 +44,8 @@ class NoiseSchedule(DiagonalProcess):
 
 class FixedLinear(NoiseSchedule):
     """VDM's fixed linear schedule ``gamma = gamma_min + (gamma_max - gamma_min) t``."""
+
+    fixed_endpoints = True
 
     def __init__(
         self, image_shape: ImageShape, latent_dim: int, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX
@@ -106,7 +111,7 @@ class MonotoneNN(NoiseSchedule):
         variance_minimising: bool = False,
     ) -> None:
         super().__init__(image_shape, latent_dim, gamma_min, gamma_max)
-        self.fixed_endpoints = not learn_endpoints
+        self.fixed_endpoints = not learn_endpoints  # checked once this constructor returns
         self.variance_minimising = variance_minimising
         self._loss_scale: list[Tensor] | None = None  # 2 L per example, filled once the loss is known
         self.features = features
@@ -194,6 +199,7 @@ class Polynomial(NoiseSchedule):
     """
 
     multivariate = True
+    fixed_endpoints = True
 
     def __init__(
         self,

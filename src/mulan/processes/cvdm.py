@@ -129,6 +129,7 @@ class CVDM(DiagonalProcess):
     """
 
     multivariate = True
+    fixed_endpoints = True  # u(0) = 0, u(1) = 1 for every y and parameter value; checked on a probe y at construction
     penalty_names = ("schedule_regulariser",)
 
     def __init__(
@@ -152,6 +153,12 @@ class CVDM(DiagonalProcess):
         self.latent_dim, self.regulariser_weight = latent_dim, float(regulariser_weight)
         self.time = MonotoneTime(features)
         self.rate = RateNetwork(self.image_shape, condition_channels, channels, max_rate)
+
+    def endpoint_probe(self, batch_size: int, generator: torch.Generator) -> Context:
+        """Random uint8 observed images ``y`` (batch_size, condition_channels, H, W) for the endpoint check."""
+        shape = (batch_size, self.rate.condition_channels, *self.image_shape[1:])
+        y = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).to(self.device())
+        return Context(y=y)
 
     def schedule(self, t: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         """``gamma``, ``gamma'``, ``gamma''`` (B, C, H, W) at float32 times ``t`` (B, 1, 1, 1)."""

@@ -9,6 +9,10 @@ them into the terms of the bound (section 4), the ancestral step (section 5) and
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,6 +23,61 @@ from mulan.utils import float32_region
 
 DECODE_MODES = ("argmax", "sample", None)
 
+ENDPOINT_PROBE_SIZE = 4
+"""Contexts in the probe on which a declaration ``fixed_endpoints = True`` is checked at construction."""
+ENDPOINT_TOLERANCE = 1e-5
+"""Float32 tolerance of that check, relative to ``max(1, |gamma_min|, |gamma_max|)``."""
+
+
+def _perturb(p: Tensor, generator: torch.Generator) -> Callable[[], None]:
+    """Perturb the parameter ``p`` in place, exactly reversibly; return the function that restores it.
+
+    A tensor with a non-zero entry is multiplied by powers of two: a scalar by 2, a vector entry-wise by 2 or 4, a
+    matrix or kernel by ``2^(a_i + b_j)`` (``a``, ``b`` random bits over its rows and the rest); dividing by the same
+    factors restores it bit for bit. An all-zero tensor (a zero-initialised layer) gets ``0.1 u_i v_j`` (``u``, ``v``
+    standard normal), and is restored by zeroing it. Broadcasting keeps the extra memory at the size of a row.
+    """
+
+    def normal(n: int) -> Tensor:
+        return torch.randn(n, generator=generator).to(p.device, p.dtype)
+
+    def powers_of_two(n: int) -> Tensor:
+        return (2.0 ** torch.randint(0, 2, (n,), generator=generator)).to(p.device, p.dtype)
+
+    zero = not bool(torch.count_nonzero(p))
+    if p.dim() <= 1:
+        factors = [(0.1 * normal(p.numel()) if zero else 2 * powers_of_two(p.numel())).reshape(p.shape)]
+    else:
+        draw, ones = (normal if zero else powers_of_two), (1,) * (p.dim() - 1)
+        factors = [draw(p.shape[0]).view(-1, *ones), draw(p[0].numel()).view(1, *p.shape[1:])]
+        factors[0] = 0.1 * factors[0] if zero else factors[0]
+    if zero:
+        p.add_(factors[0])
+    for factor in factors[1:] if zero else factors:
+        p.mul_(factor)
+
+    def restore() -> None:
+        if zero:
+            p.zero_()
+            return
+        for factor in reversed(factors):
+            p.div_(factor)
+
+    return restore
+
+
+def _checks_endpoints_after(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a constructor so that, once the outermost one has returned, the declared endpoints are checked."""
+
+    @functools.wraps(init)
+    def wrapped(self: DiagonalProcess, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self).__init__ is wrapped:  # the constructor of the object's own class: every attribute is set
+            self.check_fixed_endpoints()
+
+    wrapped._checks_endpoints = True  # type: ignore[attr-defined]
+    return wrapped
+
 
 class DiagonalProcess(ForwardProcess):
     """Base class of the schedules: the forward process ``q(x_t | x) = N(alpha_t x, sigma_t^2)`` per dimension.
@@ -28,12 +87,22 @@ class DiagonalProcess(ForwardProcess):
     (B, C, H, W) for a per-dimension one.
 
     Attributes:
-        fixed_endpoints: ``True`` when ``gamma(0) = gamma_min`` and ``gamma(1) = gamma_max`` for every context;
-            then the reconstruction and prior terms do not depend on the schedule.
+        fixed_endpoints: a subclass's declaration that ``gamma(0) = gamma_min`` and ``gamma(1) = gamma_max`` for
+            every context and every value of its trainable parameters; then the reconstruction and prior terms use
+            the constants and skip two evaluations of the schedule. Default ``False``: the endpoints are evaluated
+            from the schedule, which is right for any schedule. A declaration ``True`` is checked once, when the
+            object is built (:meth:`check_fixed_endpoints`), and a schedule that breaks it is refused.
     """
 
-    fixed_endpoints: bool = True
+    fixed_endpoints: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_checks_endpoints", False):
+            setattr(cls, "__init__", _checks_endpoints_after(init))  # noqa: B010 (mypy: no assignment to a method)
+
+    @_checks_endpoints_after
     def __init__(self, image_shape: ImageShape, gamma_min: float, gamma_max: float) -> None:
         super().__init__(image_shape)
         if not gamma_min < gamma_max:
@@ -59,8 +128,71 @@ class DiagonalProcess(ForwardProcess):
         """``gamma(t)`` alone, shape as :meth:`forward`."""
         return self(t, ctx)[0]
 
+    def endpoint_probe(self, batch_size: int, generator: torch.Generator) -> Context:
+        """The contexts on which :meth:`check_fixed_endpoints` evaluates the schedule: ``z`` standard normal
+        ``(batch_size, latent_dim)`` when the process has a ``latent_dim`` above 0, no ``y``. A process whose
+        schedule reads ``y`` overrides this with a ``y`` it accepts (e.g. :class:`~mulan.processes.CVDM`)."""
+        dim = int(getattr(self, "latent_dim", 0) or 0)
+        z = torch.randn(batch_size, dim, generator=generator).to(self.device()) if dim else None
+        return Context(z=z)
+
+    def check_fixed_endpoints(self) -> None:
+        """Refuse a false declaration ``fixed_endpoints = True`` (runs once, at construction).
+
+        On the contexts of :meth:`endpoint_probe`, ``gamma(0)`` must equal ``gamma_min`` and ``gamma(1)`` must equal
+        ``gamma_max`` to float32 tolerance (:data:`ENDPOINT_TOLERANCE`), first with the parameters as built, then
+        with every trainable parameter perturbed (:func:`_perturb`: rescaled by random powers of two, an all-zero
+        tensor filled with small noise; drawn from a fixed seed, the global random state untouched) and then
+        restored bit for bit: endpoints that training would move are caught before training. Frozen parameters
+        (``requires_grad=False``) and buffers are not perturbed. Skipped for a process that does not declare fixed
+        endpoints, or one built on the meta device. Cost: four evaluations of the schedule on 4 contexts and a few
+        in-place passes over the trainable parameters, once.
+        """
+        if not self.fixed_endpoints or any(t.is_meta for t in (*self.parameters(), *self.buffers())):
+            return
+        name = type(self).__name__
+        generator = torch.Generator().manual_seed(0)
+        ctx = self.endpoint_probe(ENDPOINT_PROBE_SIZE, generator)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        with torch.no_grad():
+            self._check_endpoints_on(ctx, name, "")
+            restores: list[Callable[[], Any]] = []
+            try:
+                for p in trainable:
+                    restores.append(_perturb(p, generator))
+                if trainable:
+                    self._check_endpoints_on(ctx, name, " with its trainable parameters perturbed")
+            finally:
+                for restore in reversed(restores):
+                    restore()
+
+    def _check_endpoints_on(self, ctx: Context, name: str, how: str) -> None:
+        try:
+            zeros = torch.zeros(ENDPOINT_PROBE_SIZE, device=self.device())
+            ends = (self.gamma(zeros, ctx), self.gamma(zeros + 1, ctx))
+        except Exception as error:
+            raise ValueError(
+                f"{name} declares fixed_endpoints = True, but its schedule could not be evaluated on the probe context "
+                f"({type(error).__name__}: {error}); override endpoint_probe(batch_size, generator) to return a "
+                "Context it accepts, or remove the declaration (the endpoints are then evaluated from the schedule)."
+            ) from error
+        tolerance = ENDPOINT_TOLERANCE * max(1.0, abs(self.gamma_min), abs(self.gamma_max))
+        targets = ((0, self.gamma_min, "gamma_min"), (1, self.gamma_max, "gamma_max"))
+        for gamma, (t, target, label) in zip(ends, targets, strict=True):
+            distance = (gamma.double() - target).abs().max().item()
+            if not distance <= tolerance:  # NaN fails too
+                off = f"is {distance:.3g} away from" if distance == distance else "is not finite, not"
+                raise ValueError(
+                    f"{name} declares fixed_endpoints = True, but gamma({t}) {off} {label} = "
+                    f"{target} on a probe context{how}: the reconstruction and prior terms would use the constant and "
+                    f"misreport the bound. Remove the declaration (the endpoints are then evaluated from the "
+                    f"schedule), or make gamma({t}) = {label} for every context and parameter value."
+                )
+
     def endpoints(self, ctx: Context | None, batch_size: int) -> tuple[Tensor, Tensor]:
-        """``(gamma(0), gamma(1))``, each broadcastable to the data, float32."""
+        """``(gamma(0), gamma(1))``, each broadcastable to the data, float32: the constants ``gamma_min``,
+        ``gamma_max`` when the class declares (and construction has checked) ``fixed_endpoints``, else the
+        schedule evaluated at ``t = 0`` and ``t = 1``."""
         if self.fixed_endpoints:
             const = torch.ones(batch_size, 1, 1, 1, device=self.device())
             return const * self.gamma_min, const * self.gamma_max

@@ -132,6 +132,7 @@ class DiffEnc(DiagonalProcess):
                 "MonotoneNN) or trainable: false."
             )
         self.schedule, self.base, self.latent_dim = inner, base, latent_dim
+        # the schedule's own declaration, checked when it was built (and again for this process once built)
         self.multivariate, self.fixed_endpoints = inner.multivariate, inner.fixed_endpoints
         self.encoder = (
             MeanEncoder(image_shape, inner.gamma_min, inner.gamma_max, channels, num_blocks) if trainable else None
@@ -144,6 +145,9 @@ class DiffEnc(DiagonalProcess):
 
     def endpoints(self, ctx: Context | None, batch_size: int) -> tuple[Tensor, Tensor]:
         return self.schedule.endpoints(ctx, batch_size)
+
+    def endpoint_probe(self, batch_size: int, generator: torch.Generator) -> Context:
+        return self.schedule.endpoint_probe(batch_size, generator)
 
     @property
     def weight(self) -> Tensor:
