@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mulan.cli import build_cli
-from mulan.data import split_indices
+from mulan.data import hash_split
 from mulan.lightning.data import ArrayDataModule, ImageFolderDataModule
 
 ROOT = Path(__file__).parents[1]
@@ -82,7 +82,7 @@ def test_folder_of_pngs_fit_then_test_from_checkpoint(shape: tuple[int, ...], tm
     data = fitted.datamodule
     assert isinstance(data, ImageFolderDataModule) and data.image_shape == (channels, 8, 8)
     assert fitted.model.model.image_shape == (channels, 8, 8)  # linked into the model
-    parts = split_indices(20, 0.1, 0.1, 0)
+    parts = hash_split([p.name for p in paths], 0.1, 0.1, 0)
     for split in ("train", "val"):
         assert data.files[split] == [paths[int(i)] for i in parts[split]]
         expected = torch.stack([as_nchw(images[int(i)]) for i in parts[split]])
@@ -225,7 +225,7 @@ def test_grayscale_file_with_channels_3_names_the_file_and_both_fixes(tmp_path: 
 def test_mixed_colour_modes_name_both_files(tmp_path: Path) -> None:
     write_pngs(tmp_path, pixels(9, (4, 4)))  # grayscale first
     Image.fromarray(pixels(1, (4, 4, 3))[0]).save(tmp_path / "z_colour.png")
-    with pytest.raises(ValueError, match=r"mix colour modes: .*img_000\.png is grayscale.*z_colour\.png is colour"):
+    with pytest.raises(ValueError, match=r"mix colour modes: .*img_00\d\.png is grayscale.*z_colour\.png is colour"):
         ImageFolderDataModule(str(tmp_path)).setup("fit")
 
 
@@ -237,9 +237,13 @@ def test_sixteen_bit_image_is_refused(tmp_path: Path) -> None:
 
 
 def test_too_few_images_for_the_split(tmp_path: Path) -> None:
-    write_pngs(tmp_path, pixels(4, (4, 4, 3)))
-    with pytest.raises(ValueError, match=r"4 images .* give 4 train, 0 val, 0 test images.*raise the fraction"):
+    """Two images cannot fill three splits (from three on, a split the hash leaves empty takes one image)."""
+    write_pngs(tmp_path, pixels(2, (4, 4, 3)))
+    with pytest.raises(ValueError, match=r"2 images .* give \d train, \d val, \d test images.*raise the fraction"):
         ImageFolderDataModule(str(tmp_path))
+    write_pngs(tmp_path, pixels(3, (4, 4, 3)))
+    data = ImageFolderDataModule(str(tmp_path))
+    assert [len(data.files[split]) for split in ("train", "val", "test")] == [1, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------------ arrays
@@ -251,7 +255,7 @@ def test_npy_layouts_and_the_split_by_seed(layout: str, tmp_path: Path) -> None:
     data = ArrayDataModule(str(tmp_path / "x.npy"), val_fraction=0.2, test_fraction=0.2, seed=3)
     assert data.image_shape == nchw.shape[1:]
     data.setup()
-    parts = split_indices(10, 0.2, 0.2, 3)
+    parts = hash_split([str(i) for i in range(10)], 0.2, 0.2, 3)
     for split in ("train", "val", "test"):
         assert torch.equal(data.datasets[split].images, torch.from_numpy(nchw[parts[split].numpy()])), split
 
@@ -291,3 +295,53 @@ def test_missing_or_corrupt_array_file(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match=r"cannot read .*bad\.npz as a \.npy/\.npz file"):
         ArrayDataModule(str(tmp_path / "bad.npz"))
+
+
+# ------------------------------------------------------------------------------------------------ stable splits
+def test_adding_images_moves_no_file_between_splits(tmp_path: Path) -> None:
+    """The split is a hash of each file's relative path: adding one image (or ten more, in a sub-folder) leaves
+    every earlier file in its split (randperm(n) moved 4 of 5 test images into train)."""
+    write_pngs(tmp_path, pixels(50, (4, 4, 3)))
+    before = ImageFolderDataModule(str(tmp_path), val_fraction=0.1, test_fraction=0.1).files
+    write_pngs(tmp_path, pixels(1, (4, 4, 3), seed=1), prefix="new")
+    write_pngs(tmp_path / "more", pixels(10, (4, 4, 3), seed=2))
+    after = ImageFolderDataModule(str(tmp_path), val_fraction=0.1, test_fraction=0.1).files
+    for split in ("train", "val", "test"):
+        assert set(before[split]) <= set(after[split]), split
+    assert sum(len(files) for files in after.values()) == 61
+
+
+def test_hash_split_fractions_and_partition() -> None:
+    """Every key in exactly one split; split sizes within 4 binomial standard deviations of n * fraction; another
+    seed gives another split."""
+    keys = [f"photos/{i:05d}.png" for i in range(4000)]
+    parts = hash_split(keys, 0.1, 0.25, seed=0)
+    assert sorted(torch.cat(list(parts.values())).tolist()) == list(range(4000))
+    for split, fraction in (("val", 0.1), ("test", 0.25), ("train", 0.65)):
+        mean, sd = 4000 * fraction, (4000 * fraction * (1 - fraction)) ** 0.5
+        assert abs(len(parts[split]) - mean) < 4 * sd, (split, len(parts[split]))
+    assert not torch.equal(hash_split(keys, 0.1, 0.25, seed=1)["test"], parts["test"])
+
+
+@pytest.mark.parametrize("kind", ["folder", "array"])
+def test_the_split_is_written_to_the_run_directory(kind: str, tmp_path: Path) -> None:
+    """At setup, attached to a trainer, the data module writes split.json into the trainer's log directory: every
+    image once, in the split it was given."""
+    import lightning as L
+
+    if kind == "folder":
+        write_pngs(tmp_path / "images", pixels(12, (4, 4, 3)))
+        data = ImageFolderDataModule(str(tmp_path / "images"), val_fraction=0.2, test_fraction=0.2)
+        expected = {s: [p.relative_to(tmp_path / "images").as_posix() for p in data.files[s]] for s in data.files}
+        every = sorted(p.name for p in (tmp_path / "images").iterdir())
+    else:
+        np.save(tmp_path / "x.npy", pixels(12, (4, 4, 3)))
+        data = ArrayDataModule(str(tmp_path / "x.npy"), val_fraction=0.2, test_fraction=0.2)
+        expected = {s: data.indices[s].tolist() for s in data.indices}
+        every = list(range(12))
+    data.trainer = L.Trainer(default_root_dir=str(tmp_path / "run"), logger=False, accelerator="cpu")
+    data.setup("fit")
+    record = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert record["splits"] == expected
+    assert sorted(sum(record["splits"].values(), [])) == every  # each image once
+    assert record["seed"] == 0 and record["val_fraction"] == 0.2 and "SHA-256" in record["method"]

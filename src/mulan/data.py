@@ -6,7 +6,10 @@ examples build on it. The embedded images come with scikit-learn, so nothing is 
 
 from __future__ import annotations
 
+import hashlib
+import zipfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,9 @@ __all__ = [
     "UInt8Images",
     "check_images",
     "split_indices",
+    "hash_split",
+    "split_position",
+    "read_npz_array",
     "nhwc_to_nchw",
     "resize_uint8",
     "digits_images",
@@ -85,6 +91,95 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
         "train": perm[n_test + n_val :],
     }
     return {k: v.sort().values for k, v in parts.items()}
+
+
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+"""What numpy raises for a missing, truncated or foreign ``.npz`` (a truncated zip: ``BadZipFile``)."""
+
+
+def pickled_data_message(owner: str, path: Path | str, fix: str) -> str:
+    """The one-line refusal of a data file that holds pickled Python objects."""
+    return (
+        f"{owner}: refused to read {path}: it holds pickled Python objects (an object array or a pickle), which a "
+        f"file of images never needs and whose loading could run code; mulan reads data files without pickle. {fix}"
+    )
+
+
+def read_npz_array(path: Path | str, key: str, owner: str, fix: str) -> np.ndarray:
+    """The array ``key`` of the ``.npz`` file ``path``, read with ``allow_pickle=False`` (nothing is unpickled).
+
+    Raises:
+        ValueError: one line naming ``path`` and ending with ``fix`` (what to do), chained from numpy's or
+            zipfile's error: for a file that holds pickled objects, and for a missing array or a truncated or
+            foreign file (``zipfile.BadZipFile``).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if key not in archive.files:
+                raise KeyError(f"no array {key!r}; the file has {sorted(archive.files)}")
+            return archive[key]
+    except ValueError as error:
+        if "allow_pickle" in str(error):  # numpy's refusal of an object array, or of a whole-file pickle
+            raise ValueError(pickled_data_message(owner, path, fix)) from error
+        raise ValueError(_unreadable_npz(owner, path, error, fix)) from error
+    except NPZ_READ_ERRORS as error:
+        raise ValueError(_unreadable_npz(owner, path, error, fix)) from error
+
+
+def _unreadable_npz(owner: str, path: Path | str, error: BaseException, fix: str) -> str:
+    detail = " ".join(str(error).split())  # one line
+    return (
+        f"{owner}: cannot read {path} as a .npz file of arrays ({type(error).__name__}: {detail}): it is truncated, "
+        f"corrupted or not a .npz file. {fix}"
+    )
+
+
+HASH_SPLITS = ("train", "val", "test")
+
+
+def split_position(key: str, seed: int) -> float:
+    """Where ``key`` falls in [0, 1): the first 8 bytes of SHA-256(``"<seed>:<key>"``) as a fraction of 2**64."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def hash_split(keys: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, Tensor]:
+    """Partition of ``range(len(keys))`` into train/val/test that stays put when keys are added.
+
+    Each key (a file's relative POSIX path, or an image's position in an array) gets a position
+    ``u = split_position(key, seed)``, uniform in [0, 1) and independent of every other key: ``u < test_fraction``
+    goes to test, ``u < test_fraction + val_fraction`` to val, the rest to train. Adding or removing keys
+    therefore never moves another key between splits, and the fractions hold on average (binomially: about
+    ``n * fraction +- sqrt(n * fraction)`` images). One exception keeps small sets usable: a split left empty by
+    the hash (its fraction being > 0) takes the one key of the largest split whose position is nearest its
+    interval, so with 3 or more keys every split with a positive fraction is non-empty. Each index tensor
+    (int64, shape (n_split,)) is sorted.
+    """
+    if not (0.0 <= val_fraction and 0.0 <= test_fraction and val_fraction + test_fraction < 1.0):
+        raise ValueError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to less than 1."
+        )
+    bounds = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction)}
+    bounds["train"] = (test_fraction + val_fraction, 1.0)
+    position = [split_position(key, seed) for key in keys]
+    members: dict[str, list[int]] = {split: [] for split in HASH_SPLITS}
+    for index, u in enumerate(position):
+        members["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"].append(index)
+    for split in ("test", "val", "train"):
+        low, high = bounds[split]
+        if members[split] or high <= low:
+            continue
+        donor = max(HASH_SPLITS, key=lambda s: len(members[s]))  # the largest split (first of equals)
+        if len(members[donor]) < 2:
+            continue
+
+        def distance(index: int, low: float = low, high: float = high) -> float:
+            return low - position[index] if position[index] < low else position[index] - high
+
+        moved = min(members[donor], key=distance)
+        members[donor].remove(moved)
+        members[split].append(moved)
+    return {split: torch.tensor(sorted(members[split]), dtype=torch.int64) for split in HASH_SPLITS}
 
 
 def nhwc_to_nchw(array: np.ndarray) -> Tensor:

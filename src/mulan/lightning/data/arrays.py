@@ -3,7 +3,8 @@
 * ``.npz`` with arrays named ``train`` and ``val`` and/or ``test``: the given split (a missing ``val`` uses
   ``test`` and a missing ``test`` uses ``val``);
 * any other ``.npz`` (one array, or the one named by ``key``) or a ``.npy``: split into train / val / test by
-  ``seed`` with :func:`mulan.data.split_indices`.
+  ``seed`` with :func:`mulan.data.hash_split` on each image's position, so appending images never moves an
+  earlier one to another split; the split is written to ``split.json`` in the run's log directory.
 
 Arrays are uint8 (N, H, W) (grayscale), (N, H, W, C) or (N, C, H, W) with C = 1 or 3. Their headers are read in
 ``__init__`` (shape and dtype, no pixels), so a wrong dtype or shape is refused before the model is built; the
@@ -14,16 +15,17 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mulan.data import split_indices
-from mulan.lightning.data.base import SPLITS, ImageDataModule, Split
+from mulan.data import hash_split, pickled_data_message
+from mulan.lightning.data.base import SPLIT_METHOD, SPLITS, ImageDataModule, Split
 
 Layout = Literal["auto", "NCHW", "NHWC"]
+UINT8_FIX = "Save the images as a uint8 array with numpy.save / numpy.savez."
 READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 
 
@@ -89,7 +91,7 @@ class ArrayDataModule(ImageDataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         if layout not in ("auto", "NCHW", "NHWC"):
             raise ValueError(f"ArrayDataModule: layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}.")
-        split_indices(1, val_fraction, test_fraction, seed)  # validates the fractions early
+        hash_split([], val_fraction, test_fraction, seed)  # validates the fractions early
         self.save_hyperparameters()
         self.path, self.key, self.layout = Path(path), key, layout
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
@@ -120,9 +122,12 @@ class ArrayDataModule(ImageDataModule):
             with open(self.path, "rb") as file:
                 return {"": npy_header(file)}
         except READ_ERRORS as error:
+            if "allow_pickle" in str(error):
+                raise ValueError(pickled_data_message("ArrayDataModule", self.path, UINT8_FIX)) from error
+            detail = " ".join(str(error).split())
             raise ValueError(
-                f"ArrayDataModule: cannot read {self.path} as a .npy/.npz file ({type(error).__name__}: {error}). "
-                "Write it with numpy.save / numpy.savez."
+                f"ArrayDataModule: cannot read {self.path} as a .npy/.npz file ({type(error).__name__}: {detail}): "
+                "it is truncated, corrupted or of another format. Write it with numpy.save / numpy.savez."
             ) from error
 
     def _name(self, name: str) -> str:
@@ -157,6 +162,8 @@ class ArrayDataModule(ImageDataModule):
     def _check_header(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
         """The array's layout, after checking that it holds uint8 images."""
         where = self._name(name)
+        if dtype.hasobject:
+            raise ValueError(pickled_data_message("ArrayDataModule", self.path, UINT8_FIX))
         if dtype != np.uint8:
             raise TypeError(
                 f"ArrayDataModule: the {where} has dtype {dtype}, but mulan models 8-bit pixels: save uint8 values "
@@ -194,7 +201,7 @@ class ArrayDataModule(ImageDataModule):
         if self.sources["train"] == "train":
             return {split: torch.arange(headers[name][0][0]) for split, name in self.sources.items()}
         n = headers[self.sources["train"]][0][0]
-        parts = split_indices(n, self.val_fraction, self.test_fraction, self.seed)
+        parts = hash_split([str(i) for i in range(n)], self.val_fraction, self.test_fraction, self.seed)
         if min(len(p) for p in parts.values()) == 0:
             raise ValueError(
                 f"ArrayDataModule: {n} images in {self.path} split by val_fraction={self.val_fraction} and "
@@ -218,9 +225,12 @@ class ArrayDataModule(ImageDataModule):
                     with np.load(self.path, allow_pickle=False) as data:
                         array = data[name]
             except READ_ERRORS as error:
+                if "allow_pickle" in str(error):  # numpy's refusal of pickled objects
+                    raise ValueError(pickled_data_message("ArrayDataModule", self.path, UINT8_FIX)) from error
+                detail = " ".join(str(error).split())
                 raise ValueError(
-                    f"ArrayDataModule: cannot read the {self._name(name)} ({type(error).__name__}: {error}). "
-                    "Write it again with numpy.save / numpy.savez."
+                    f"ArrayDataModule: cannot read the {self._name(name)} ({type(error).__name__}: {detail}): it is "
+                    "truncated or corrupted. Write it again with numpy.save / numpy.savez."
                 ) from error
             self._arrays[name] = to_nchw(array, self._layouts[name])
         return self._arrays[name]
@@ -230,3 +240,17 @@ class ArrayDataModule(ImageDataModule):
 
     def _empty_hint(self, split: Split) -> str:
         return f"Add images to {self.path}, or lower the fractions of the other splits."
+
+    def split_record(self) -> dict[str, Any] | None:
+        """Which positions of the array went to which split (None when the file names its splits)."""
+        if self.sources["train"] == "train":
+            return None
+        return {
+            "data": str(self.path),
+            "array": self.sources["train"] or None,
+            "method": SPLIT_METHOD.format(what="the image's position in the array (0, 1, ...)"),
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "splits": {split: [int(i) for i in self.indices[split]] for split in SPLITS},
+        }

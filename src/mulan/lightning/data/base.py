@@ -13,7 +13,9 @@ Contract shared by every data module of :mod:`mulan.lightning.data`:
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import lightning as L
@@ -27,6 +29,12 @@ from mulan.data import UInt8Images, check_images
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+SPLIT_FILE = "split.json"
+"""Where a data module that splits files by itself records the split, in the run's log directory."""
+SPLIT_METHOD = (
+    "u = the first 8 bytes of SHA-256('<seed>:<key>') / 2**64, key = {what}; test if u < test_fraction, val if "
+    "u < test_fraction + val_fraction, else train (a split left empty takes the nearest key of the largest one)"
+)
 STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
     "fit": ("train", "val"),
     "validate": ("val",),
@@ -167,9 +175,29 @@ class ImageDataModule(L.LightningDataModule):
         return STAGE_SPLITS.get(stage or "", SPLITS)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load and validate the splits needed by ``stage`` (all when None)."""
+        """Load and validate the splits needed by ``stage`` (all when None); when attached to a trainer, write
+        :meth:`split_record` (if any) to ``split.json`` in the trainer's log directory (rank 0)."""
         for split in self._stage_splits(stage):
             self._dataset(split)
+        self._write_split_record()
+
+    def split_record(self) -> dict[str, Any] | None:
+        """Which image went to which split, for data modules that split by themselves (None: nothing to record,
+        e.g. fixed splits such as CIFAR-10's)."""
+        return None
+
+    def _write_split_record(self) -> Path | None:
+        record = self.split_record()
+        trainer = self.trainer
+        if record is None or trainer is None:
+            return None
+        folder = trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
+        if folder is None or not trainer.is_global_zero:
+            return None
+        path = Path(folder) / SPLIT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        return path
 
     def _build(self, split: Split) -> Dataset:
         name = type(self).__name__

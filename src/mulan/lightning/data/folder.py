@@ -5,7 +5,10 @@ Two layouts are recognised under ``root``:
 * sub-folders ``train/`` and ``val/`` and/or ``test/``: the given split (a missing ``val/`` uses ``test/`` and a
   missing ``test/`` uses ``val/``, as CIFAR-10's val = test);
 * anything else: every image under ``root`` (searched recursively, so class sub-folders are fine), split into
-  train / val / test by ``seed`` with :func:`mulan.data.split_indices` (the same split on every run and rank).
+  train / val / test by a hash of each file's path relative to ``root`` and ``seed``
+  (:func:`mulan.data.hash_split`): the same split on every run and rank, and adding or removing images never
+  moves another image to another split. The split (which file went where) is written to ``split.json`` in the
+  run's log directory.
 
 Every problem that can be seen without training (no images, unreadable files, mixed sizes without
 ``image_size``, a colour mode that does not match ``channels``) is raised by ``__init__`` or ``setup`` with the
@@ -15,17 +18,18 @@ file and the option that fixes it named.
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from mulan.data import nhwc_to_nchw, split_indices
-from mulan.lightning.data.base import SPLITS, ImageDataModule, Split
+from mulan.data import hash_split, nhwc_to_nchw
+from mulan.lightning.data.base import SPLIT_METHOD, SPLITS, ImageDataModule, Split
 
 GRAY_MODES = frozenset({"1", "L", "LA"})
 """PIL modes read as one channel (alpha dropped)."""
@@ -38,7 +42,21 @@ RESAMPLING = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+READ_ERRORS = (
+    OSError,
+    UnidentifiedImageError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    struct.error,
+    EOFError,
+    AttributeError,  # a corrupt PNG chunk name: 'PngStream' object has no attribute 'chunk_...'
+    IndexError,
+    KeyError,
+    TypeError,
+    zlib.error,
+)
+"""What PIL raises for unreadable, truncated or corrupt files (each becomes a ValueError naming the file)."""
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 """EXIF orientations that swap width and height (the image is rotated by 90 degrees when read)."""
 
@@ -101,7 +119,8 @@ class ImageFolderDataModule(ImageDataModule):
             antialias when shrinking).
         convert: convert images whose colour mode differs from ``channels`` (grayscale -> RGB repeats the
             channel; RGB -> grayscale takes the luminance) instead of refusing them.
-        val_fraction, test_fraction, seed: the split by seed (ignored when ``root`` has ``train/``).
+        val_fraction, test_fraction, seed: the split by a hash of each file's relative path and ``seed``
+            (ignored when ``root`` has ``train/``); stable when images are added.
         extensions: file suffixes read as images (case-insensitive).
         batch_size, eval_batch_size, num_workers, shuffle_seed: see :class:`ImageDataModule`.
 
@@ -128,7 +147,7 @@ class ImageFolderDataModule(ImageDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         self._check_options(channels, image_size, crop, interpolation)
-        split_indices(1, val_fraction, test_fraction, seed)  # validates the fractions early
+        hash_split([], val_fraction, test_fraction, seed)  # validates the fractions early
         self.save_hyperparameters()
         self.root = Path(root)
         self.channels, self.image_size, self.crop = channels, image_size, crop
@@ -168,7 +187,8 @@ class ImageFolderDataModule(ImageDataModule):
                 f"ImageFolderDataModule: no images under {self.root} (searched recursively for "
                 f"{', '.join(self.extensions)}). Put your images there, or set `extensions` for other file types."
             )
-        parts = split_indices(len(files), self.val_fraction, self.test_fraction, self.seed)
+        keys = [path.relative_to(self.root).as_posix() for path in files]
+        parts = hash_split(keys, self.val_fraction, self.test_fraction, self.seed)
         counts = {split: len(parts[split]) for split in SPLITS}
         if min(counts.values()) == 0:
             raise ValueError(
@@ -215,7 +235,7 @@ class ImageFolderDataModule(ImageDataModule):
         with self._open(path) as image:
             try:
                 return image.mode, oriented_size(image)
-            except (*READ_ERRORS, struct.error) as error:
+            except READ_ERRORS as error:
                 raise ValueError(self._unreadable(path, error)) from error
 
     def _unreadable(self, path: Path, error: BaseException) -> str:
@@ -289,7 +309,7 @@ class ImageFolderDataModule(ImageDataModule):
             try:
                 image.load()
                 picture = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
-            except (*READ_ERRORS, struct.error) as error:
+            except READ_ERRORS as error:
                 raise ValueError(self._unreadable(path, error)) from error
         if self.image_size is not None:
             if self.crop == "centre":
@@ -311,3 +331,17 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _empty_hint(self, split: Split) -> str:
         return f"Put images into {self.root}, or lower the fractions of the other splits."
+
+    def split_record(self) -> dict[str, Any]:
+        """Which file (path relative to ``root``, POSIX) went to which split, and how the split was made."""
+        given = (self.root / "train").is_dir()
+        return {
+            "data": str(self.root),
+            "method": "the sub-folders train/, val/, test/ of the data folder"
+            if given
+            else SPLIT_METHOD.format(what="the file's path relative to the data folder"),
+            "seed": None if given else self.seed,
+            "val_fraction": None if given else self.val_fraction,
+            "test_fraction": None if given else self.test_fraction,
+            "splits": {split: [p.relative_to(self.root).as_posix() for p in self.files[split]] for split in SPLITS},
+        }

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mulan.data import nhwc_to_nchw
+from mulan.data import nhwc_to_nchw, read_npz_array
 from mulan.lightning.data.base import ImageDataModule, Split
 
 _ARRAY_GLOBALS = {
@@ -42,22 +42,43 @@ class ArrayUnpickler(pickle.Unpickler):
         )
 
 
+OWNER = "ImageNet32DataModule"
+NPZ_FIX = (
+    "Download or extract the data set again, or convert it to a uint8 array saved with numpy.savez(FILE, data=x) "
+    "(a cache of decoded PNGs: delete it and it is rebuilt)."
+)
+
+
 def _load_user_pickle(path: Path) -> Any:
-    """A Chrabaszcz et al. batch (a dict of numpy arrays), read by :class:`ArrayUnpickler`."""
+    """A Chrabaszcz et al. batch (a dict of numpy arrays), read by :class:`ArrayUnpickler` (numpy arrays and
+    plain containers only; any other global is refused, as one-line ValueError, before it is imported)."""
     with open(path, "rb") as f:
         try:
-            return ArrayUnpickler(f, path).load()
-        except UnicodeDecodeError:
-            f.seek(0)
-            return ArrayUnpickler(f, path, encoding="latin1").load()
+            try:
+                return ArrayUnpickler(f, path).load()
+            except UnicodeDecodeError:
+                f.seek(0)
+                return ArrayUnpickler(f, path, encoding="latin1").load()
+        except pickle.UnpicklingError as error:
+            if "unsafe" in str(error):
+                raise ValueError(str(error)) from error
+            raise ValueError(_bad_pickle(path, error)) from error
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+            raise ValueError(_bad_pickle(path, error)) from error
+
+
+def _bad_pickle(path: Path, error: BaseException) -> str:
+    return (
+        f"{OWNER}: cannot read {path} ({type(error).__name__}: {' '.join(str(error).split())}): it is truncated or "
+        f"not a batch of the data set. {NPZ_FIX}"
+    )
 
 
 def _read_new_batch(stem: Path) -> np.ndarray:
     """One Chrabaszcz et al. batch (``stem.npz`` preferred, else pickle ``stem``) -> uint8 (N, 3072)."""
     npz = stem.with_name(stem.name + ".npz")
     if npz.is_file():
-        with np.load(npz, allow_pickle=False) as archive:
-            data = archive["data"]
+        data = read_npz_array(npz, "data", OWNER, NPZ_FIX)
     else:
         entry = _load_user_pickle(stem)
         data = entry["data"] if "data" in entry else entry[b"data"]
@@ -169,8 +190,7 @@ class ImageNet32DataModule(ImageDataModule):
         name = "train_32x32" if part == "train" else "valid_32x32"
         npz, folder = self.root / f"{name}.npz", self.root / name
         if npz.is_file():
-            with np.load(npz, allow_pickle=False) as archive:
-                return _to_nchw_32(archive["data"], npz)
+            return _to_nchw_32(read_npz_array(npz, "data", OWNER, NPZ_FIX), npz)
         if not folder.is_dir():
             raise FileNotFoundError(self._missing_message(part, [f"{name}/ (or {name}.npz)"]))
         data = _read_png_dir(folder)
