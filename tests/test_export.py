@@ -5,6 +5,7 @@ inconsistent files are refused with the tensors named."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,7 @@ def test_tampered_configuration_is_refused_by_the_cli(trained: dict, tmp_path: P
     assert "was modified after export" in capsys.readouterr().err
 
 
-def test_configuration_that_does_not_match_the_tensors_names_them(trained: dict, tmp_path: Path) -> None:
+def test_configuration_that_does_not_match_the_tensors_names_them(trained: dict, tmp_path: Path, capsys) -> None:
     """A consistent file (valid SHA-256) whose configuration describes another model: the missing, unexpected
     and wrong-shape tensors are named, in Python and in mulan-cli test."""
     content = export.read_export(trained["file"])
@@ -144,14 +145,20 @@ def test_configuration_that_does_not_match_the_tensors_names_them(trained: dict,
     )
     with pytest.raises(ValueError, match=match):
         export.load_model(bad)
-    with pytest.raises(ValueError, match=r"bad\.safetensors: the model given now does not match .*missing \(1\)"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["test", "--ckpt_path", str(bad), *QUIET])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert re.match(r"error: .*bad\.safetensors: the model given now does not match .*missing \(1\)", err)
 
 
-def test_export_evaluated_on_data_of_another_shape_is_refused(trained: dict) -> None:
+def test_export_evaluated_on_data_of_another_shape_is_refused(trained: dict, capsys) -> None:
     data = json.dumps({"class_path": "mulan.lightning.data.EmbeddedDataModule", "init_args": {"image_size": 16}})
-    with pytest.raises(ValueError, match=r"trained on images of shape \(1, 8, 8\).*\(1, 16, 16\).*leave out --data"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["test", "--ckpt_path", str(trained["file"]), f"--data={data}", *QUIET])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert re.match(r"error: .*trained on images of shape \(1, 8, 8\).*\(1, 16, 16\).*leave out --data", err)
 
 
 def test_other_safetensors_files_are_refused(tmp_path: Path, trained: dict) -> None:

@@ -26,7 +26,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from mulan import elbo
-from mulan.cli import main
+from mulan.cli import build_cli, main
 from mulan.latents import NoLatent
 from mulan.lightning.callbacks import EvaluationCallback
 from mulan.lightning.data import SyntheticDataModule
@@ -185,19 +185,19 @@ class GradRecordingModule(FixedDrawModule):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.record: dict = {}
+        self.first_step: dict = {}
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        self.record["initial"] = {k: v.clone() for k, v in self.state_dict().items()}
+        self.first_step["initial"] = {k: v.clone() for k, v in self.state_dict().items()}
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        self.record.update(batch=batch.clone(), loss=loss.detach().clone())
+        self.first_step.update(batch=batch.clone(), loss=loss.detach().clone())
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.record["grads"] = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+        self.first_step["grads"] = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
 
 
 SGD = partial(torch.optim.SGD, lr=0.01)
@@ -222,7 +222,7 @@ def _ddp_worker(out: str) -> None:
     L.Trainer(**ddp, max_steps=1, limit_val_batches=0).fit(
         module, datamodule=SyntheticDataModule(SHAPE, num_train=8, batch_size=4)
     )
-    results = {"grad": module.record, "final": module.state_dict()}
+    results = {"grad": module.first_step, "final": module.state_dict()}
     # (c) the synced test metric over 12 images (6 per rank), then 11 (the sampler pads one duplicate)
     tester = L.Trainer(**ddp)
     for n in (12, 11):
@@ -298,7 +298,8 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         )
         for r in (0, 1)
     ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
+    # Generous: on a loaded 2-core machine the four fits/tests of _ddp_worker take minutes, not seconds.
+    logs = [p.communicate(timeout=1200)[0] for p in procs]
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-3000:]
     return {
@@ -326,6 +327,7 @@ def test_ddp_ranks_draw_different_times_and_noise(ddp_results: dict) -> None:
 def _reference_module(state: dict) -> FixedDrawModule:
     module = FixedDrawModule(**vdm_kwargs(optimizer=SGD, lr_scheduler=ONE_STEP))
     module.load_state_dict(state)
+    module._base_seed = 0  # the DDP workers' run seed (seed_everything(0)), which evaluation seeds from
     return module
 
 
@@ -433,7 +435,7 @@ def test_checkpoint_tested_on_data_of_another_shape_is_refused(vdm_ckpt: Path) -
         match=r"trained on images of shape \(1, 8, 8\).*data given now has shape "
         r"\(1, 16, 16\).*leave out --data",
     ):
-        main(["test", "--ckpt_path", str(vdm_ckpt), data, *TEST_ARGS])
+        build_cli(["test", "--ckpt_path", str(vdm_ckpt), data, *TEST_ARGS])
 
 
 def test_checkpoint_of_another_model_configuration_is_named(vdm_ckpt: Path, tmp_path: Path) -> None:
@@ -477,7 +479,7 @@ def test_non_uint8_data_is_refused_before_training(dtype: torch.dtype, tmp_path:
 
 def test_empty_split_through_the_cli(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"the 'val' split is empty \(0 images\)\. Increase val_fraction"):
-        main(
+        build_cli(
             [
                 "fit",
                 "--config",
@@ -498,7 +500,7 @@ def test_missing_data_directory_through_the_cli(tmp_path: Path) -> None:
         match=r"(?s)CIFAR-10 not found.*nowhere/cifar-10-batches-py/.*"
         r"data_batch_1.*--data.init_args.download true",
     ):
-        main(["fit", "--config", str(CONF / "vdm_tiny.yaml"), data, "--trainer.default_root_dir", str(tmp_path)])
+        build_cli(["fit", "--config", str(CONF / "vdm_tiny.yaml"), data, "--trainer.default_root_dir", str(tmp_path)])
 
 
 def test_misspelt_class_path_is_named(capsys: pytest.CaptureFixture) -> None:

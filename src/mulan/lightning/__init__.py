@@ -3,6 +3,7 @@
 Importing it imports Lightning; the pure-torch core (:mod:`mulan`) does not.
 """
 
+from mulan.lightning.checkpoint_io import LastCheckpoint
 from mulan.lightning.task import DiffusionTask
 
-__all__ = ["DiffusionTask"]
+__all__ = ["DiffusionTask", "LastCheckpoint"]
