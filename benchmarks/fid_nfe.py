@@ -107,14 +107,12 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, entry: dict, save) -> None:
-    from study import _instantiate
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from mulan.lightning import DiffusionTask
-    from mulan.lightning.checkpoint_io import load_checkpoint
+    from mulan.lightning.loading import load_task
 
-    task = DiffusionTask.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
-    data = _instantiate(load_checkpoint(str(args.ckpt))["datamodule_hyper_parameters"])
+    task, data = load_task(args.ckpt)
+    assert data is not None, f"{args.ckpt} saved no data configuration"
     data.setup(None)
     train, test = (
         torch.cat([b if torch.is_tensor(b) else b[0] for b in loader])

@@ -44,7 +44,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-import throughput  # noqa: E402  (machine info and peak-memory helpers of the throughput benchmark)
+import timing  # noqa: E402  (the benchmarks' timing harness: synchronised steps, peak memory, machine info)
 
 RESULTS = HERE / "results"
 IMAGE_SHAPE = (3, 32, 32)
@@ -213,23 +213,10 @@ def train_row(kind: str, compiled: bool, s: dict[str, Any]) -> tuple[dict[str, A
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        throughput.sync(device)
         return float(loss.detach())
 
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    for _ in range((s["compile_warmup"] if compiled else s["warmup"]) - 1):
-        step()
-    rss = throughput._vm("VmRSS")
-    throughput.reset_peak(device)
-    times, loss = [], math.nan
-    for _ in range(s["steps"]):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    median = times[len(times) // 2]
+    timed = timing.time_steps(step, device, s["compile_warmup"] if compiled else s["warmup"], s["steps"])
+    first, median = timed.first_s, timed.median_s
     row = {
         "kind": kind,
         "compile": compiled,
@@ -241,9 +228,10 @@ def train_row(kind: str, compiled: bool, s: dict[str, Any]) -> tuple[dict[str, A
         "first_step_s": first,
         "compile_s": first - median if compiled else None,
         "img_s_median": s["batch"] / median,
-        "img_s_best": s["batch"] / times[0],
-        **throughput.peak_mib(device, rss),
-        "loss_bpd": loss,
+        "img_s_best": s["batch"] / timed.best_s,
+        "peak_mib": timed.peak_mib,
+        "memory": timed.memory,
+        "loss_bpd": timed.last,
         "graph_breaks": _graph_breaks() if compiled else None,
     }
     return row, model
@@ -257,20 +245,15 @@ def elbo_row(kind: str, model, s: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(s["device"])
     images = _images(s["elbo_images"], s["device"])
-    rss = throughput._vm("VmRSS")
-    throughput.reset_peak(device)
-    start = time.perf_counter()
-    bound = dense_elbo(model.eval(), images, num_times=s["elbo_times"])
-    throughput.sync(device)
-    seconds = time.perf_counter() - start
+    timed = timing.time_steps(lambda: dense_elbo(model.eval(), images, num_times=s["elbo_times"]), device, 0, 1)
     return {
         "kind": kind,
         "images": s["elbo_images"],
         "num_times": s["elbo_times"],
-        "bpd_mean": float(model.bpd(bound.total).mean()),
-        "seconds": seconds,
-        "img_s": s["elbo_images"] / seconds,
-        "peak_mib": throughput.peak_mib(device, rss)["peak_mib"],
+        "bpd_mean": float(model.bpd(timed.last.total).mean()),
+        "seconds": timed.best_s,
+        "img_s": s["elbo_images"] / timed.best_s,
+        "peak_mib": timed.peak_mib,
     }
 
 
@@ -303,11 +286,11 @@ def _step_timer():
             self._start = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            throughput.sync(pl_module.device)
+            timing.sync(pl_module.device)
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            throughput.sync(pl_module.device)
+            timing.sync(pl_module.device)
             self.times.append(time.perf_counter() - self._start)
             self.losses.append(float(outputs["loss"]))
 
@@ -339,8 +322,8 @@ def cli_fit(kind: str, s: dict[str, Any], steps: int, devices: int, strategy: st
     timer = _step_timer()
     cli.trainer.callbacks.append(timer)  # type: ignore[attr-defined]
     device = torch.device(s["device"] if s["device"] == "cpu" else f"cuda:{cli.trainer.local_rank}")
-    throughput.reset_peak(device)
-    rss = throughput._vm("VmRSS")
+    timing.reset_peak(device)
+    rss = timing.vm_mib("VmRSS")
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     wall = time.perf_counter() - start
@@ -351,7 +334,7 @@ def cli_fit(kind: str, s: dict[str, Any], steps: int, devices: int, strategy: st
         "median_s": timed[len(timed) // 2],
         "loss_bpd": timer.losses[-1],
         "wall_s": wall,
-        "peak_mib": throughput.peak_mib(device, rss)["peak_mib"],
+        "peak_mib": timing.peak_mib(device, rss)["peak_mib"],
     }
 
 
@@ -516,7 +499,7 @@ def check(
         "mode": "dry-run" if dry_run else "gpu",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": None,
-        "machine": {**throughput.machine(), "cuda_devices": cuda_devices, "cuda": torch.version.cuda},
+        "machine": {**timing.machine(), "cuda_devices": cuda_devices, "cuda": torch.version.cuda},
         "settings": s,
         **{section: [] for section in FIELDS},
     }

@@ -27,11 +27,11 @@ GAP_ALARM = 0.1
 """Bits/dim: a larger MuLAN - VDM gap at the last step is reported as a regression."""
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--jobs", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     spec_file = ROOT / "benchmarks" / "studies" / "regression.yaml"
     spec = yaml.safe_load(spec_file.read_text())
     workdir = ROOT / "runs" / "study" / "regression"

@@ -22,7 +22,6 @@ error over images, and each variant's paired difference from the first
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -37,14 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load(ckpt: Path) -> tuple[Any, Any]:
     """The checkpoint's model (eval mode, on the CPU) and its data module, set up for test."""
-    from mulan.lightning import DiffusionTask
-    from mulan.lightning.checkpoint_io import load_checkpoint
+    from mulan.lightning.loading import load_task
 
-    checkpoint = load_checkpoint(str(ckpt))
-    task = DiffusionTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
-    hparams = checkpoint["datamodule_hyper_parameters"]
-    module, name = hparams["_class_path"].rsplit(".", 1)
-    data = getattr(importlib.import_module(module), name)(**{k: v for k, v in hparams.items() if not k[0] == "_"})
+    task, data = load_task(ckpt)
+    assert data is not None, f"{ckpt} saved no data configuration"
     data.setup("test")
     return task.model, data
 
@@ -64,12 +59,30 @@ def test_images(data: Any, count: int) -> tuple[torch.Tensor, torch.Tensor | Non
     return torch.cat(images)[:count], y_all
 
 
+def settings_of(variant: str, args: argparse.Namespace) -> Any:
+    """The :class:`mulan.ode.ODESettings` of ``variant`` (``time_variable[:divergence_atol | :sM]``) and ``args``."""
+    from mulan.ode import ODESettings
+
+    time_variable, _, divergence = variant.partition(":")
+    return ODESettings(
+        num_draws=args.draws,
+        num_probes=args.probes,
+        exact_divergence=args.exact_divergence,
+        rtol=args.rtol,
+        atol=args.atol,
+        divergence_atol=float(divergence) if divergence and not divergence.startswith("s") else None,
+        divergence_samples=int(divergence[1:]) if divergence.startswith("s") else None,
+        time_variable=time_variable,
+    )
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from mulan.likelihood import ode_likelihood
 
     model, data = load(args.ckpt)
     images, y = test_images(data, args.images)
     variables = args.variants.split(",")
+    settings = {v: settings_of(v, args) for v in variables}  # a bad variant fails here, before any solve
     rows: dict[str, dict[str, list[float]]] = {v: {"nfe": [], "seconds": [], "bpd": [], "sd": []} for v in variables}
     step = args.solve_batch_size
     print(f"{args.ckpt}: {images.shape[0]} test images {tuple(images.shape[1:])}, rtol={args.rtol}, atol={args.atol}")
@@ -78,24 +91,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for start in range(0, images.shape[0], step):
         chunk = slice(start, start + step)
         for variable in variables:
-            time_variable, _, divergence = variable.partition(":")
             torch.manual_seed(args.seed * 1_000_003 + start)  # the latent draw
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + start)  # dequantisation, probes
             begin = time.perf_counter()
-            result = ode_likelihood(
-                model,
-                images[chunk],
-                None if y is None else y[chunk],
-                num_draws=args.draws,
-                num_probes=args.probes,
-                rtol=args.rtol,
-                atol=args.atol,
-                generator=generator,
-                time_variable=time_variable,
-                divergence_atol=float(divergence) if divergence and not divergence.startswith("s") else None,
-                divergence_samples=int(divergence[1:]) if divergence.startswith("s") else None,
-                exact_divergence=args.exact_divergence,
-            )
+            part_y = None if y is None else y[chunk]
+            result = ode_likelihood(model, images[chunk], part_y, settings[variable], generator=generator)
             seconds = (time.perf_counter() - begin) / result.bpd.shape[0]
             rows[variable]["nfe"] += result.nfe.tolist()
             rows[variable]["seconds"] += [seconds] * result.bpd.shape[0]

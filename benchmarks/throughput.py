@@ -2,7 +2,6 @@
 
     python benchmarks/throughput.py                      # everything (small + paper architecture), CPU or GPU
     python benchmarks/throughput.py --only small --no-compile --steps 3 --warmup 1
-    python benchmarks/throughput.py --ablation           # the before/after table of docs/benchmarks.md
     python benchmarks/throughput.py --compare REV        # training steps of this tree vs git revision REV
     python benchmarks/throughput.py --head               # the schedule head's share of MuLAN's training step
 
@@ -10,22 +9,24 @@ Every configuration runs in its own child process (clean peak memory, a hard tim
 Training step = forward + backward + AdamW step through :class:`mulan.model.DiffusionModel` on random uint8
 images; ``bf16`` = ``torch.autocast(dtype=bfloat16)`` around the forward, as Lightning's ``bf16-mixed``.
 img/s is reported from the median and from the fastest timed step (the fastest is the better estimate on a
-shared machine). Results: ``benchmarks/results/throughput.json`` and a Markdown table (printed, and written to
+shared machine), timed by :func:`timing.time_steps` (warm-up, device-synchronised steps, peak memory).
+Results: ``benchmarks/results/throughput.json`` and a Markdown table (printed, and written to
 ``docs/benchmarks.md`` between the ``<!-- throughput:begin/end -->`` markers).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import machine, time_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
@@ -38,103 +39,6 @@ ARCHS = {
     "small": dict(channels=64, num_blocks=8, dropout=0.1, attention="mid", batch=32),
 }
 IMAGE_SHAPE = (3, 32, 32)
-# cumulative changes of docs/benchmarks.md, each on top of the previous row ("legacy" = the code before)
-ABLATION = [
-    ("baseline (before)", dict(legacy=["attention", "decoder", "adamw"], channels_last=False)),
-    ("+ SDPA flash kernel (unit-stride q/k/v)", dict(legacy=["decoder", "adamw"], channels_last=False)),
-    ("+ decoder: softmax over the bins within float32 reach", dict(legacy=["adamw"], channels_last=False)),
-    ("+ fused AdamW (new default)", dict(legacy=[], channels_last=False)),
-    ("+ channels-last end to end", dict(legacy=[], channels_last=True)),
-]
-
-
-# ------------------------------------------------------------------------------------------------ machine
-def machine() -> dict:
-    import torch
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    with contextlib.suppress(OSError):
-        mem = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-        info["memory_gib"] = round(int(mem.split()[1]) / 2**20, 1)
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-# ------------------------------------------------------------------------------------------------ memory
-def _vm(key: str) -> float:
-    """A /proc/self/status field in MiB (VmRSS, VmHWM); nan where unavailable."""
-    with contextlib.suppress(OSError, StopIteration):
-        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
-        return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def peak_mib(device, rss_before: float) -> dict:
-    import torch
-
-    if device.type == "cuda":
-        return {
-            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-            "memory": "cuda max_memory_allocated",
-        }
-    return {
-        "peak_mib": _vm("VmHWM") - rss_before,
-        "memory": "CPU peak RSS (VmHWM) above the RSS before the step",
-    }
-
-
-# ------------------------------------------------------------------------------------------------ legacy code
-def install_legacy(parts: list[str]) -> None:
-    """Put back the code as it was before the performance work, to measure what each change bought."""
-    import torch
-    import torch.nn.functional as F
-
-    from mulan import elbo, networks
-
-    if "attention" in parts:
-
-        def attention_forward(self, x, cond=None):
-            b, c, h, w = x.shape
-            q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
-            out = F.scaled_dot_product_attention(q, k, v)  # strided heads: SDPA's math fallback
-            return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
-
-        networks.AttentionBlock.forward = attention_forward
-    if "decoder" in parts:
-
-        def reconstruction_loss(images, gamma_0, noise=None):
-            x = elbo.to_unit_interval(images)
-            noise = torch.randn_like(x) if noise is None else noise
-            z_tilde = x + torch.exp(0.5 * gamma_0) * noise
-            diff = z_tilde.unsqueeze(-1) - elbo.to_unit_interval(torch.arange(256, device=x.device))
-            log_probs = torch.log_softmax(-0.5 * diff.square() * torch.exp(-gamma_0).unsqueeze(-1), dim=-1)
-            return -elbo.sum_per_example(log_probs.gather(-1, images.long().unsqueeze(-1)).squeeze(-1))
-
-        elbo.reconstruction_loss = reconstruction_loss
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -144,7 +48,7 @@ def build(kind: str, arch: str, channels_last: bool, device, hidden: int | None 
     from mulan.latents import KHotLatent
     from mulan.model import DiffusionModel
     from mulan.networks import UNet
-    from mulan.schedules import LearnedScalar, Polynomial
+    from mulan.processes.schedules import LearnedScalar, Polynomial
 
     a = ARCHS[arch]
     if kind == "vdm":
@@ -163,13 +67,6 @@ def build(kind: str, arch: str, channels_last: bool, device, hidden: int | None 
     return DiffusionModel(IMAGE_SHAPE, schedule, denoiser, latent, channels_last=channels_last).to(device)
 
 
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def autocast(device, precision: str):
     import torch
 
@@ -183,48 +80,33 @@ def run_train(spec: dict) -> dict:
     from mulan.lightning.optim import AdamW
 
     device = torch.device(spec["device"])
-    install_legacy(spec.get("legacy", []))
     torch.manual_seed(0)
     model = build(spec["kind"], spec["arch"], spec["channels_last"], device, spec.get("hidden")).train()
-    fused = False if "adamw" in spec.get("legacy", []) else None  # legacy: torch's default (for-loop on CPU)
-    optimizer = AdamW(model.parameters(), fused=fused)
+    optimizer = AdamW(model.parameters())
     batch = spec["batch"]
     images = torch.randint(0, 256, (batch, *IMAGE_SHAPE), dtype=torch.uint8, device=device)
     forward = torch.compile(model) if spec["compile"] else model
 
-    def step():
+    def step() -> float:
         with autocast(device, spec["precision"]):
             loss = model.bpd(forward(images).total).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(device)
         return float(loss.detach())
 
-    out = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    start = time.perf_counter()
-    step()
-    out["first_step_s"] = time.perf_counter() - start
-    for _ in range(spec["warmup"] - 1):
-        step()
-    rss = _vm("VmRSS")
-    reset_peak(device)
-    times = []
-    for _ in range(spec["steps"]):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    median = times[len(times) // 2]
-    out.update(peak_mib(device, rss))
-    out.update(
-        step_times_s=times,
-        img_s_median=batch / median,
-        img_s_best=batch / times[0],
-        loss_bpd=loss,
-        compile_s=(out["first_step_s"] - median) if spec["compile"] else None,
-    )
-    return out
+    timing = time_steps(step, device, spec["warmup"], spec["steps"])
+    return {
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "first_step_s": timing.first_s,
+        "peak_mib": timing.peak_mib,
+        "memory": timing.memory,
+        "step_times_s": timing.times_s,
+        "img_s_median": batch / timing.median_s,
+        "img_s_best": batch / timing.best_s,
+        "loss_bpd": timing.last,
+        "compile_s": (timing.first_s - timing.median_s) if spec["compile"] else None,
+    }
 
 
 def run_eval(spec: dict) -> dict:
@@ -237,23 +119,24 @@ def run_eval(spec: dict) -> dict:
     model = build(spec["kind"], spec["arch"], spec["channels_last"], device).eval()
     n = spec["batch"]
     images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8, device=device)
-    rss = _vm("VmRSS")
-    reset_peak(device)
-    out = {}
+    out: dict = {}
     with autocast(device, spec["precision"]):
         if spec["what"] == "dense_elbo":
-            likelihood.dense_elbo(model, images[:1], num_times=2)  # warm-up
-            start = time.perf_counter()
-            likelihood.dense_elbo(model, images, num_times=spec["times"], chunk_size=spec["chunk"])
-            sync(device)
-            seconds = time.perf_counter() - start
+            likelihood.dense_elbo(model, images[:1], num_times=2)  # warm-up, on one image
+            timing = time_steps(
+                lambda: likelihood.dense_elbo(model, images, num_times=spec["times"], chunk_size=spec["chunk"]),
+                device,
+                warmup=0,
+                steps=1,
+            )
+            seconds = timing.best_s
             out.update(num_times=spec["times"], img_s=n / seconds, model_evals_s=n * spec["times"] / seconds)
         elif spec["what"] == "ancestral":
-            sampling.ancestral_sample(model, 1, steps=2)
-            start = time.perf_counter()
-            sampling.ancestral_sample(model, n, steps=spec["sample_steps"])
-            sync(device)
-            seconds = time.perf_counter() - start
+            sampling.ancestral_sample(model, 1, steps=2)  # warm-up, one image and two steps
+            timing = time_steps(
+                lambda: sampling.ancestral_sample(model, n, steps=spec["sample_steps"]), device, warmup=0, steps=1
+            )
+            seconds = timing.best_s
             out.update(
                 steps=spec["sample_steps"],
                 img_s=n / seconds,
@@ -263,13 +146,14 @@ def run_eval(spec: dict) -> dict:
             fn = getattr(likelihood, "ode_likelihood", None)
             if fn is None:
                 return {"skipped": "mulan.likelihood has no ode_likelihood"}
-            result = fn(model, images)
+            timing = time_steps(lambda: fn(model, images), device, warmup=0, steps=1)  # the solver times itself
+            result = timing.last
             out.update(
                 nfe=float(result.nfe.mean()),
                 seconds_per_image=float(result.seconds_per_image),
                 note="untrained (zero-initialised output) network: NFE of a trained model is higher",
             )
-    out.update(peak_mib(device, rss))
+    out.update(peak_mib=timing.peak_mib, memory=timing.memory)
     return out
 
 
@@ -297,26 +181,15 @@ def run_head(spec: dict) -> dict:
         loss.backward()
         model_opt.step()
         model_opt.zero_grad(set_to_none=True)
-        sync(device)
 
     def head_step() -> None:
         gamma, dgamma = head(t, Context(z=z))
         (gamma.sum() + dgamma.sum()).backward()  # the same graph and backward work, whatever the upstream gradient
         head_opt.step()
         head_opt.zero_grad(set_to_none=True)
-        sync(device)
 
-    def median_seconds(fn) -> float:
-        for _ in range(spec["warmup"]):
-            fn()
-        times = []
-        for _ in range(spec["steps"]):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    step_s, head_s = median_seconds(full_step), median_seconds(head_step)
+    step_s = time_steps(full_step, device, max(spec["warmup"], 1), spec["steps"]).median_s
+    head_s = time_steps(head_step, device, max(spec["warmup"], 1), spec["steps"]).median_s
     return {
         "head_params_m": sum(p.numel() for p in head.parameters()) / 1e6,
         "step_s": step_s,
@@ -499,52 +372,12 @@ def head_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def ablation_plan(args) -> list[dict]:
-    base = dict(
-        device=args.device,
-        threads=args.threads,
-        what="train",
-        arch="small",
-        compile=False,
-        batch=args.batch or 32,
-        steps=args.steps,
-        warmup=args.warmup,
-    )
-    specs = []
-    for precision in ("fp32", "bf16"):
-        for name, change in ABLATION:
-            specs.append(dict(base, kind="vdm", precision=precision, change=name, **change))
-        specs.append(
-            dict(
-                base,
-                kind="mulan",
-                precision=precision,
-                change="MuLAN, all changes but channels-last",
-                legacy=[],
-                channels_last=False,
-            )
-        )
-    return specs
-
-
 # ------------------------------------------------------------------------------------------------ reporting
 def fmt(v, digits=1) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def table(results: list[dict], ablation: bool) -> str:
-    if ablation:
-        rows = [
-            "| precision | model | change (cumulative) | img/s (best step) | img/s (median) | peak MiB |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in results:
-            rows.append(
-                f"| {r['precision']} | {r['kind']} | {r['change']} | {fmt(r.get('img_s_best'))} | "
-                f"{fmt(r.get('img_s_median'))} | {fmt(r.get('peak_mib'), 0)} |"
-                + (f" {r['error']}" if "error" in r else "")
-            )
-        return "\n".join(rows)
+def table(results: list[dict]) -> str:
     rows = [
         "| what | model | arch | batch | precision | channels-last | compile | img/s (best) | img/s (median) | "
         "compile s | peak MiB | note |",
@@ -590,10 +423,9 @@ def write_docs(markdown: str, key: str) -> None:
     DOCS.write_text(f"{head}{begin}\n{markdown}\n{end}{tail}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["small", "paper", "eval"], help="a subset of the configurations")
-    parser.add_argument("--ablation", action="store_true", help="the before/after table of each change")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile adds one)")
     parser.add_argument("--batch", type=int, help="override the architecture's batch size")
@@ -620,7 +452,7 @@ def main() -> None:
         "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="--compare: precisions"
     )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args._child:
         return child(json.loads(args._child))
     import torch
@@ -628,7 +460,7 @@ def main() -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.compare or args.head:
         return paired(args)
-    specs = ablation_plan(args) if args.ablation else plan(args)
+    specs = plan(args)
     best: dict[int, dict] = {}
     for _ in range(args.repeats):
         for i, spec in enumerate(specs):
@@ -641,7 +473,7 @@ def main() -> None:
                 best[i] = r
     results = [best[i] for i in range(len(specs))]
     info = machine()
-    md = table(results, args.ablation)
+    md = table(results)
     header = (
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
         f"{info.get('gpu', 'no GPU')}, torch {info['torch']}, {time.strftime('%Y-%m-%d')}."
@@ -651,8 +483,8 @@ def main() -> None:
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    key = "ablation" if args.ablation else "throughput"
-    if not args.ablation and key in saved:  # a subset run (--only) replaces its rows and keeps the others
+    key = "throughput"
+    if key in saved:  # a subset run (--only) replaces its rows and keeps the others
 
         def ident(r: dict) -> tuple:
             return tuple(r.get(k) for k in ("what", "kind", "arch", "precision", "channels_last", "compile", "batch"))
@@ -660,7 +492,7 @@ def main() -> None:
         merged = {ident(r): r for r in saved[key]["results"]}
         merged.update({ident(r): r for r in results})
         results = list(merged.values())
-        md = table(results, args.ablation)
+        md = table(results)
     saved[key] = {"machine": info, "args": vars(args), "results": results}
     RESULTS.write_text(json.dumps(saved, indent=1))
     write_docs(header + "\n\n" + md, key)

@@ -21,7 +21,7 @@ from mulan.figures import schedule_maps, snr_variance  # noqa: E402
 from mulan.latents import KHotLatent  # noqa: E402
 from mulan.model import DiffusionModel  # noqa: E402
 from mulan.networks import UNet  # noqa: E402
-from mulan.schedules import FixedLinear, LearnedScalar, MonotoneNN, Polynomial  # noqa: E402
+from mulan.processes.schedules import FixedLinear, LearnedScalar, MonotoneNN, Polynomial  # noqa: E402
 
 OUT = Path(__file__).parent / "figures"
 DPI = 100

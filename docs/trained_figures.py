@@ -19,9 +19,9 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mulan.checkpoints import load_checkpoint  # noqa: E402
 from mulan.figures import image_grid, log_snr_spread, schedule_maps  # noqa: E402
 from mulan.lightning import DiffusionTask  # noqa: E402
-from mulan.lightning.checkpoint_io import load_checkpoint  # noqa: E402
 from mulan.lightning.task import split_batch  # noqa: E402
 from mulan.sampling import ancestral_sample  # noqa: E402
 

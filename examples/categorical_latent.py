@@ -69,7 +69,7 @@ def main(steps: int = 3) -> dict[str, float]:
     from examples.pure_torch import digits
     from mulan.model import DiffusionModel
     from mulan.networks import UNet
-    from mulan.schedules import Polynomial
+    from mulan.processes.schedules import Polynomial
 
     torch.manual_seed(0)
     shape = (1, 8, 8)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mulan.processes import Context, ImageShape
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, NoiseSchedule
+from mulan.processes.schedules import GAMMA_MAX, GAMMA_MIN, NoiseSchedule
 
 
 # --8<-- [start:CosineSchedule]

@@ -31,7 +31,7 @@ from mulan.lightning import DiffusionTask
 from mulan.lightning.data import EmbeddedDataModule
 from mulan.model import Bound
 from mulan.networks import UNet
-from mulan.schedules import Polynomial
+from mulan.processes.schedules import Polynomial
 
 
 # --8<-- [start:TermLoggingModule]

@@ -35,7 +35,7 @@ class PowerTime(TimeSampler):
 
 def main() -> float:
     """The weighted mean of ``f(t) = 3 t^2`` over many draws, which must be ``int_0^1 f = 1``."""
-    from mulan.schedules import FixedLinear
+    from mulan.processes.schedules import FixedLinear
 
     sampler, process = PowerTime(3.0), FixedLinear((1, 8, 8), 0)
     t, weight = sampler(100_000, process, None, torch.Generator().manual_seed(0))

@@ -40,7 +40,7 @@ def main() -> dict[str, float]:
     from pathlib import Path
 
     from mulan.cli import main as cli
-    from mulan.schedules import FixedLinear
+    from mulan.processes.schedules import FixedLinear
 
     g = torch.Generator().manual_seed(0)
     x, eps = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g)

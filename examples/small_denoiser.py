@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mulan.processes import ImageShape
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN
+from mulan.processes.schedules import GAMMA_MAX, GAMMA_MIN
 
 
 # --8<-- [start:SmallDenoiser]

@@ -43,8 +43,8 @@ from mulan.processes import (
     Marginal,
 )
 from mulan.processes.auxiliary import Kernel
+from mulan.processes.schedules import FixedLinear
 from mulan.sampling import ancestral_sample, ode_sample
-from mulan.schedules import FixedLinear
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -22,7 +22,7 @@ from mulan import elbo
 from mulan.data import digits_images, resize_uint8
 from mulan.latents import KHotLatent
 from mulan.model import DiffusionModel
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, Polynomial
+from mulan.processes.schedules import GAMMA_MAX, GAMMA_MIN, Polynomial
 
 SHAPE = (1, 4, 4)
 M, K = 6, 2

@@ -17,12 +17,15 @@ from torch import nn
 from mulan.cli import build_cli, main
 from mulan.latents import KHotLatent
 from mulan.lightning import DiffusionTask
-from mulan.lightning.callbacks import EvaluationCallback, PicturesCallback, resolve_inception_weights
 from mulan.lightning.data import EmbeddedDataModule
+from mulan.lightning.evaluation import EvaluationCallback
+from mulan.lightning.features import resolve_inception_weights
+from mulan.lightning.pictures import PicturesCallback
 from mulan.likelihood import dense_elbo
 from mulan.networks import UNet
+from mulan.ode import ODESettings
+from mulan.processes.schedules import Polynomial
 from mulan.sampling import SAMPLERS, dpm_solver_sample
-from mulan.schedules import Polynomial
 
 CONF = Path(__file__).parent / "conf"
 
@@ -345,3 +348,77 @@ def test_photo_feature_network_learns_the_crops_regions_and_separates_photos_fro
     noise = torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     shuffled = test.flatten(1)[:, torch.randperm(3 * 16 * 16, generator=torch.Generator().manual_seed(0))]
     assert fid(val) * 5 < fid(noise) and fid(val) * 2 < fid(shuffled.reshape(test.shape))
+
+
+def test_callback_options_become_one_ode_settings_and_the_cache_json_is_format_3s() -> None:
+    """The callback's YAML options (``ode_*``) build one :class:`~mulan.ode.ODESettings`, field by field; the
+    cache's fingerprint settings keep the callback's option names and values, so caches of format 3 stay valid."""
+    callback = EvaluationCallback(
+        fid=False,
+        num_times=7,
+        ode_draws=3,
+        ode_probes=2,
+        ode_exact_divergence=True,
+        ode_rtol=1e-4,
+        ode_atol=2e-4,
+        ode_divergence_samples=6,
+        ode_solve_batch_size=5,
+        ode_time_variable="log_snr",
+    )
+    assert callback.ode_settings == ODESettings(
+        num_draws=3,
+        num_probes=2,
+        exact_divergence=True,
+        rtol=1e-4,
+        atol=2e-4,
+        divergence_samples=6,
+        solve_batch_size=5,
+        time_variable="log_snr",
+    )
+    assert callback._settings("32-true", "test") == {
+        "format": 3,
+        "stage": "test",
+        "num_times": 7,
+        "ode_draws": 3,
+        "ode_probes": 2,
+        "ode_exact_divergence": True,
+        "ode_rtol": 1e-4,
+        "ode_atol": 2e-4,
+        "ode_divergence_atol": None,
+        "ode_divergence_samples": 6,
+        "ode_solve_batch_size": 5,
+        "ode_time_variable": "log_snr",
+        "precision": "32-true",
+    }
+    assert EvaluationCallback(fid=False, ode_divergence_atol=0.5).ode_settings.divergence_atol == 0.5
+
+
+def test_old_callback_paths_name_the_moved_classes() -> None:
+    """``mulan.lightning.callbacks`` (the path saved configs name) re-exports the moved names, the same objects."""
+    from mulan.lightning import callbacks, evaluation, features, pictures
+
+    assert callbacks.EvaluationCallback is evaluation.EvaluationCallback
+    assert callbacks.PicturesCallback is pictures.PicturesCallback
+    assert callbacks.SampleWriter is pictures.SampleWriter
+    assert callbacks.PICTURES_DIR == pictures.PICTURES_DIR == "pictures"
+    assert callbacks.resolve_inception_weights is features.resolve_inception_weights
+
+
+@pytest.mark.parametrize("scale", [1, 3])
+def test_png_grids_are_the_grid_enlarged_pixel_for_pixel(tmp_path: Path, scale: int) -> None:
+    """The PNG of a uint8 grid decodes to the grid itself, each pixel a ``scale`` x ``scale`` block, every one of
+    the 256 levels exact (``save_image`` goes through floats)."""
+    from PIL import Image
+
+    from mulan.figures import image_grid
+    from mulan.lightning.pictures import _save_png
+
+    images = torch.arange(256, dtype=torch.uint8).view(4, 1, 8, 8)
+    grid = image_grid(images)  # (3, 19, 19): one channel repeated, white 1-pixel padding
+    _save_png(grid, tmp_path / "grid.png", scale=scale)
+    decoded = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png"))).permute(2, 0, 1)
+    assert decoded.shape == (3, 19 * scale, 19 * scale)
+    assert torch.equal(decoded[:, ::scale, ::scale], grid)
+    for i in range(scale):
+        for j in range(scale):
+            assert torch.equal(decoded[:, i::scale, j::scale], grid)

@@ -11,7 +11,7 @@ import torch
 from mulan.cli import build_cli, main
 from mulan.latents import KHotLatent, NoLatent
 from mulan.model import BOUND_TERMS
-from mulan.schedules import LearnedScalar, Polynomial
+from mulan.processes.schedules import LearnedScalar, Polynomial
 
 CONF = Path(__file__).parent / "conf"
 
@@ -150,7 +150,7 @@ def test_fit_then_test_prints_the_terms_the_baseline_and_where_the_pictures_are(
     across images, which is zero at t = 0 and 1 (the schedule's endpoints are fixed) and positive in between."""
     cli = build_cli(
         ["fit", "--config", str(CONF / "mulan_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
-         "--trainer.callbacks+=mulan.lightning.callbacks.PicturesCallback",
+         "--trainer.callbacks+=mulan.lightning.pictures.PicturesCallback",
          "--trainer.callbacks.every_n_validations=0", "--trainer.callbacks.num_samples=4",
          "--trainer.callbacks.sample_steps=4", "--trainer.callbacks.num_maps=2", "--trainer.callbacks.num_spread=8",
          "--test_after_fit", "true", "--baseline", "VDM, same budget: 9.99 bits/dim"]
@@ -170,3 +170,23 @@ def test_fit_then_test_prints_the_terms_the_baseline_and_where_the_pictures_are(
     rows = [r.split("\t") for r in (pictures / "log_snr_spread.txt").read_text().splitlines()[1:-1]]
     across = [float(r[1]) for r in rows]
     assert len(rows) == 21 and across[0] < 1e-4 and across[-1] < 1e-4 and max(across) > 0
+
+
+def test_saved_hyper_parameters_convert_back_to_the_parsed_model_config() -> None:
+    """The hyper-parameters Lightning saves for the model (``_class_path``, ``_instantiator`` and the init args side
+    by side) convert back to the ``class_path`` config they were parsed from (less the linked ``image_shape``), and
+    the saved dict is left as it was; without ``_class_path`` there is no config."""
+    from mulan.lightning.loading import saved_config
+
+    def class_config(hparams: dict) -> dict | None:
+        return saved_config(hparams, "the test", leave_out=("image_shape",))
+
+    cli = build_cli(["--config", str(CONF / "mulan_tiny.yaml")], run=False)
+    saved = dict(cli.model.hparams)
+    assert saved["_instantiator"] == "lightning.pytorch.cli.instantiate_module" and "image_shape" in saved
+    before = dict(saved)
+    given = cli.config_dump["model"]  # the parsed configuration as LightningCLI saves it (lists, not tuples)
+    given["init_args"].pop("image_shape", None)
+    assert class_config(saved) == given
+    assert saved == before
+    assert class_config({key: value for key, value in saved.items() if key != "_class_path"}) is None

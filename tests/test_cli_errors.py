@@ -10,8 +10,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from mulan.checkpoints import read_export, write_export
 from mulan.cli import main
-from mulan.export import read_export, write_export
 
 CONF = Path(__file__).parent / "conf"
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]

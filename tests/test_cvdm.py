@@ -18,7 +18,7 @@ from mulan.model import DiffusionModel
 from mulan.networks import UNet
 from mulan.processes import CVDM, Context
 from mulan.processes.cvdm import SMALL_RATE, warp
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, MonotoneNN
+from mulan.processes.schedules import GAMMA_MAX, GAMMA_MIN, MonotoneNN
 from mulan.time_sampling import CauchyLogSNR
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -172,7 +172,7 @@ def test_conditional_fit_and_test_round_trip_through_the_cli(tmp_path: Path) -> 
     main(["fit", "--config", str(CONF / "cvdm_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)])
     ckpt = sorted(tmp_path.rglob("*.ckpt"))[-1]
     args = ["test", "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    pictures = ["--trainer.callbacks+=mulan.lightning.callbacks.PicturesCallback", "--trainer.callbacks.sample_steps=4"]
+    pictures = ["--trainer.callbacks+=mulan.lightning.pictures.PicturesCallback", "--trainer.callbacks.sample_steps=4"]
     cli = build_cli([*args, *pictures, "--trainer.callbacks.num_maps=2", "--trainer.default_root_dir", str(tmp_path)])
     assert isinstance(cli.model.model.process, CVDM)
     assert isinstance(cli.datamodule, SuperResolutionDataModule) and cli.datamodule.factor == 4

@@ -25,8 +25,8 @@ from mulan.model import DiffusionModel
 from mulan.networks import UNet
 from mulan.parameterisation import Velocity
 from mulan.processes import Context, DiffEnc
+from mulan.processes.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, LearnedScalar, MonotoneNN, Polynomial
 from mulan.sampling import ancestral_sample
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, LearnedScalar, MonotoneNN, Polynomial
 from mulan.time_sampling import CauchyLogSNR
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from mulan import elbo
 from mulan.model import DiffusionModel
 from mulan.networks import UNet
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, MonotoneNN, NoiseSchedule, Polynomial
+from mulan.processes.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, MonotoneNN, NoiseSchedule, Polynomial
 from mulan.time_sampling import antithetic_uniform
 
 pytestmark = pytest.mark.usefixtures("single_thread")

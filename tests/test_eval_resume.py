@@ -15,11 +15,11 @@ import torch
 
 from mulan.latents import KHotLatent
 from mulan.lightning import DiffusionTask
-from mulan.lightning import callbacks as callbacks_module
-from mulan.lightning.callbacks import EvaluationCallback
+from mulan.lightning import evaluation as evaluation_module
 from mulan.lightning.data import EmbeddedDataModule
+from mulan.lightning.evaluation import EvaluationCallback
 from mulan.networks import UNet
-from mulan.schedules import Polynomial
+from mulan.processes.schedules import Polynomial
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,7 +44,7 @@ class Interrupted(RuntimeError):
 
 
 class Spy:
-    """Wraps a function of the callbacks module: counts the images it is given, raises on call ``fail_at``."""
+    """Wraps a function of the evaluation module: counts the images it is given, raises on call ``fail_at``."""
 
     def __init__(self, fn, fail_at: int | None = None) -> None:
         self.fn, self.fail_at, self.calls, self.images = fn, fail_at, 0, 0
@@ -80,11 +80,11 @@ def run(
         limit_test_batches=BATCHES,
         default_root_dir=tmp_path,
     )
-    dense = Spy(callbacks_module.dense_elbo)
-    ode = Spy(callbacks_module.ode_likelihood, fail_at)
+    dense = Spy(evaluation_module.dense_elbo)
+    ode = Spy(evaluation_module.ode_likelihood, fail_at)
     with (
-        mock.patch.object(callbacks_module, "dense_elbo", dense),
-        mock.patch.object(callbacks_module, "ode_likelihood", ode),
+        mock.patch.object(evaluation_module, "dense_elbo", dense),
+        mock.patch.object(evaluation_module, "ode_likelihood", ode),
     ):
         trainer.test(module or tiny_mulan(), datamodule=EmbeddedDataModule(batch_size=BATCH))
     return callback, dict(trainer.callback_metrics), dense, ode

@@ -140,7 +140,7 @@ def test_power_time_and_score_parameterisation_mains() -> None:
 def test_power_time_is_unbiased() -> None:
     """E_pi[f(t) / pi(t)] = int_0^1 f(t) dt for f(t) = 3 t^2 (exactly 1), within 4 standard errors; the
     proposal does concentrate times near 0."""
-    from mulan.schedules import FixedLinear
+    from mulan.processes.schedules import FixedLinear
 
     t, weight = power_time.PowerTime(3.0)(200_000, FixedLinear((1, 2, 2), 0), None, torch.Generator().manual_seed(0))
     values = weight * 3 * t**2
@@ -153,7 +153,7 @@ def test_power_time_is_unbiased() -> None:
 def test_score_parameterisation_matches_the_noise_prediction() -> None:
     from mulan.parameterisation import Epsilon
     from mulan.processes import Context
-    from mulan.schedules import LearnedScalar
+    from mulan.processes.schedules import LearnedScalar
 
     g = torch.Generator().manual_seed(0)
     x, eps = torch.rand(4, 1, 2, 2, generator=g) * 2 - 1, torch.randn(4, 1, 2, 2, generator=g)

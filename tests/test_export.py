@@ -98,6 +98,39 @@ def test_load_model_in_a_fresh_process_needs_no_lightning(trained: dict) -> None
     assert int(count) == sum(p.numel() for p in export.load_model(trained["file"]).parameters())
 
 
+def test_exporting_a_checkpoint_in_a_fresh_process_needs_no_lightning(trained: dict, tmp_path: Path) -> None:
+    """The checkpoint reader is in the pure-torch core (:mod:`mulan.checkpoints`): ``export`` reads the ``.ckpt``
+    and writes the same file as the fixture's export without importing Lightning."""
+    out = tmp_path / "again.safetensors"
+    code = "import sys, mulan.export as e; e.export(sys.argv[1], sys.argv[2]); print('lightning' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(trained["ckpt"]), str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False"]
+    again, first = export.read_export(out), export.read_export(trained["file"])
+    assert again.metadata["sha256"] == first.metadata["sha256"]  # same tensors, configuration and metadata
+
+
+def test_the_old_import_paths_name_the_moved_objects() -> None:
+    """What moved keeps its old path (saved configurations and user code name them): the file format and the
+    checkpoint reader (now :mod:`mulan.checkpoints`), the class allowlist (:mod:`mulan.trusted`) and the schedules
+    (:mod:`mulan.processes.schedules`); the allowlist still accepts the old class paths."""
+    import mulan.schedules
+    from mulan import checkpoints, trusted
+    from mulan.lightning import checkpoint_io
+    from mulan.processes import schedules
+
+    for name in ("Export", "digest", "is_safetensors", "read_checkpoint_dict", "read_export", "write_export"):
+        assert getattr(export, name) is getattr(checkpoints, name), name
+    assert checkpoint_io.load_checkpoint is checkpoints.load_checkpoint
+    assert (export.check_class_paths, export.TRUSTED_ENV) == (trusted.check_class_paths, trusted.TRUSTED_ENV)
+    for name in ("NoiseSchedule", "FixedLinear", "LearnedScalar", "MonotoneNN", "Polynomial", "GAMMA_MIN", "GAMMA_MAX"):
+        assert getattr(mulan.schedules, name) is getattr(schedules, name), name
+        if name[0] != "G":
+            export.check_class_paths({"class_path": f"mulan.schedules.{name}"}, "old.yaml")
+
+
 def test_predict_from_the_export_writes_samples(trained: dict, tmp_path: Path) -> None:
     main(
         ["predict", "--ckpt_path", str(trained["file"]), *QUIET, "--trainer.limit_predict_batches", "1",

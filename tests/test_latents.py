@@ -12,7 +12,7 @@ import torch
 from mulan.latents import GaussianLatent, KHotLatent, NoLatent, khot, log_binomial, sum_of_gamma_noise
 from mulan.model import DiffusionModel
 from mulan.networks import UNet
-from mulan.schedules import Polynomial
+from mulan.processes.schedules import Polynomial
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,6 +11,7 @@ Monte Carlo checks assert ``|estimate - exact| < 4 SE`` (+ a small slack), SE es
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,8 +30,9 @@ from mulan.likelihood import (
 )
 from mulan.model import DiffusionModel
 from mulan.networks import UNet
+from mulan.ode import ODESettings
 from mulan.processes import Context
-from mulan.schedules import FixedLinear, NoiseSchedule, Polynomial
+from mulan.processes.schedules import FixedLinear, NoiseSchedule, Polynomial
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -372,3 +374,29 @@ def test_which_figure_is_the_bound() -> None:
     for bad in ({"num_draws": 0}, {"num_probes": 0}, {"solve_batch_size": 0}):
         with pytest.raises(ValueError, match="at least 1"):
             ode_likelihood(model, images, **bad)
+
+
+def test_ode_settings_object_and_keywords_give_the_same_bound() -> None:
+    """One :class:`~mulan.ode.ODESettings` or its fields as keywords: the same computation, bit for bit; keywords
+    replace the settings' fields; a bad field is refused when the settings are made, naming it."""
+    model = _tiny_mulan()
+    images = torch.randint(0, 256, (3, 1, 3, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fields = {"num_draws": 2, "num_probes": 2, "rtol": 1e-3, "atol": 1e-3, "divergence_samples": 4}
+    by_keywords = ode_likelihood(model, images, generator=torch.Generator().manual_seed(1), **fields)
+    settings = ODESettings(**fields)
+    by_settings = ode_likelihood(model, images, None, settings, generator=torch.Generator().manual_seed(1))
+    for name in ("nll_nats", "nll_var_nats", "iw_nll_nats", "iw_bias_nats", "nfe"):
+        assert torch.equal(getattr(by_keywords, name), getattr(by_settings, name)), name
+    replaced = ode_likelihood(model, images, None, ODESettings(), generator=torch.Generator().manual_seed(1), **fields)
+    assert torch.equal(replaced.nll_nats, by_keywords.nll_nats)
+    plain = ode_likelihood(model, images, None, settings, generator=torch.Generator().manual_seed(1), num_draws=1)
+    assert plain.nll_nats.shape == (3,) and not torch.equal(plain.nll_nats, by_keywords.nll_nats)
+    x = elbo.to_unit_interval(images).float()
+    ctx = model.latent(elbo.to_unit_interval(images)).z
+    density = ode_log_density(model, x, ctx, settings, generator=torch.Generator().manual_seed(2))
+    again = ode_log_density(model, x, ctx, generator=torch.Generator().manual_seed(2), **fields)
+    assert torch.equal(density.log_p, again.log_p) and density.nfe == again.nfe
+    with pytest.raises(ValueError, match="time_variable must be one of"):
+        ODESettings(time_variable="sigma")
+    with pytest.raises(ValueError, match="num_draws must be at least 1"):
+        replace(settings, num_draws=0)

@@ -19,7 +19,7 @@ from mulan.lightning.data import EmbeddedDataModule
 from mulan.lightning.metrics import MeanStdErr
 from mulan.lightning.optim import AdamW, LinearWarmup
 from mulan.networks import UNet
-from mulan.schedules import FixedLinear, Polynomial
+from mulan.processes.schedules import FixedLinear, Polynomial
 
 SHAPE = (1, 8, 8)
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -193,7 +193,7 @@ def test_paper_configs_carry_the_paper_hyperparameters(config: str) -> None:
     assert cfg["data"]["init_args"]["batch_size"] == (512 if "imagenet" in config else 128)
     schedule = model["process"]
     if config.startswith("mulan"):
-        assert schedule["class_path"] == "mulan.schedules.Polynomial"
+        assert schedule["class_path"] == "mulan.processes.schedules.Polynomial"
         assert (schedule["init_args"]["gamma_min"], schedule["init_args"]["gamma_max"]) == (-13.3, 5.0)
         latent = model["latent"]["init_args"]
         assert (latent["m"], latent["k"]) == (50, 15)
@@ -201,7 +201,7 @@ def test_paper_configs_carry_the_paper_hyperparameters(config: str) -> None:
         velocity = "mulan.parameterisation.Velocity"
         assert model["parameterisation"] == (velocity if "cifar" in config else "mulan.parameterisation.Epsilon")
     else:
-        assert schedule["class_path"] == "mulan.schedules.LearnedScalar"
+        assert schedule["class_path"] == "mulan.processes.schedules.LearnedScalar"
         assert model["latent"]["class_path"] == "mulan.latents.NoLatent"
 
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mulan import ode
+from mulan import ode, ode_solver
 from mulan.latents import KHotLatent
 from mulan.likelihood import ODELogDensity, ode_likelihood, ode_log_density
 from mulan.model import DiffusionModel
 from mulan.networks import UNet
 from mulan.processes import Context
-from mulan.schedules import FixedLinear, NoiseSchedule, Polynomial
+from mulan.processes.schedules import FixedLinear, NoiseSchedule, Polynomial
 from test_likelihood import GaussianDenoiser  # the Bayes-optimal denoiser of Gaussian data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -155,7 +155,7 @@ def test_uncontrolled_divergence_integral_takes_the_trajectorys_steps(reduce: st
     model, x, exact = _gaussian_case(_random_polynomial(0, reduce))
     free = ode_log_density(model, x, dtype=torch.float64, exact_divergence=True, divergence_atol=math.inf)
     f = ode.drift_in(model, Context(), "t", x.shape[0], torch.float64, x.device)
-    x_1, trajectory_nfe = ode.solve(f, x, 0.0, 1.0)
+    x_1, trajectory_nfe = ode_solver.solve(f, x, 0.0, 1.0)
     assert free.nfe == trajectory_nfe
     assert torch.allclose(free.x_1, x_1, rtol=0.0, atol=1e-12)
     assert ((free.log_p - exact).abs() / D < 1e-3).all()

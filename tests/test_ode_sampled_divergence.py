@@ -13,13 +13,9 @@ import math
 import pytest
 import torch
 
-from mulan import ode
-from mulan.likelihood import (
-    check_divergence_samples,
-    ode_likelihood,
-    ode_log_density,
-    stratified_times,
-)
+from mulan import ode, ode_solver
+from mulan.likelihood import ode_likelihood, ode_log_density
+from mulan.ode import check_divergence_samples, stratified_times
 from mulan.processes import Context
 from test_likelihood import SCHEDULES, _gaussian_case, _rotated_covariance, _tiny_mulan
 
@@ -40,27 +36,27 @@ def test_stratified_times_have_one_time_per_stratum_per_example() -> None:
 def test_sampled_divergence_keeps_the_trajectorys_steps(schedule: str) -> None:
     """The trajectory is the one solved alone: the same ``x_1`` to 1e-12 with exactly ``M`` more evaluations (the
     divergence's); each example's states at its own times are the solution there to the solver's accuracy, and with
-    times shared by every example they are bit for bit :func:`mulan.ode.solve_path`'s dense output."""
+    times shared by every example they are bit for bit :func:`mulan.ode_solver.solve_path`'s dense output."""
     model, x, _ = _gaussian_case(_rotated_covariance(), SCHEDULES[schedule](), n=4, seed=0)
     f = ode.drift_in(model, Context(), "t", x.shape[0], torch.float64, x.device)
-    x_1, trajectory_nfe = ode.solve(f, x, 0.0, 1.0)
+    x_1, trajectory_nfe = ode_solver.solve(f, x, 0.0, 1.0)
     result = ode_log_density(
         model, x, dtype=torch.float64, divergence_samples=16, generator=torch.Generator().manual_seed(1)
     )
     assert result.nfe == trajectory_nfe + 16
     assert torch.allclose(result.x_1, x_1, rtol=0.0, atol=1e-12)
     times = stratified_times(16, x, torch.Generator().manual_seed(1))
-    states, end, nfe = ode.solve_at(f, x, times)
-    tight, _, _ = ode.solve_at(f, x, times, rtol=1e-10, atol=1e-10)
+    states, end, nfe = ode_solver.solve_at(f, x, times)
+    tight, _, _ = ode_solver.solve_at(f, x, times, rtol=1e-10, atol=1e-10)
     assert nfe == trajectory_nfe and torch.equal(end, x_1)
     for b, i in ((0, 0), (1, 7), (3, 15)):
-        alone, _ = ode.solve(f, x, 0.0, float(times[b, i]), rtol=1e-10, atol=1e-10)
+        alone, _ = ode_solver.solve(f, x, 0.0, float(times[b, i]), rtol=1e-10, atol=1e-10)
         assert torch.allclose(tight[i, b], alone[b], rtol=0.0, atol=1e-8), (b, i)  # the dense output is the solution
         assert torch.allclose(states[i, b], alone[b], rtol=0.0, atol=2e-3), (b, i)  # to the tolerance's global error
     shared = times[:1].expand(4, -1)
     grid = torch.cat([torch.zeros(1, dtype=x.dtype), shared[0], torch.ones(1, dtype=x.dtype)])
-    path, path_nfe = ode.solve_path(f, x, grid)
-    states, end, nfe = ode.solve_at(f, x, shared)
+    path, path_nfe = ode_solver.solve_path(f, x, grid)
+    states, end, nfe = ode_solver.solve_at(f, x, shared)
     assert nfe == path_nfe and torch.equal(states, path[1:-1]) and torch.equal(end, path[-1])
 
 
@@ -70,8 +66,8 @@ def test_solve_at_without_the_solver_internals_gives_the_same_states(monkeypatch
     model, x, _ = _gaussian_case(_rotated_covariance(), SCHEDULES["scalar"](), n=3, seed=0)
     f = ode.drift_in(model, Context(), "t", x.shape[0], torch.float64, x.device)
     times = stratified_times(6, x, torch.Generator().manual_seed(2))
-    fast = ode.solve_at(f, x, times)
-    slow = ode._solve_at_union(f, x, times, 1e-5, 1e-5, False, "")
+    fast = ode_solver.solve_at(f, x, times)
+    slow = ode_solver._solve_at_union(f, x, times, 1e-5, 1e-5, False, "")
     assert fast[2] == slow[2] and torch.equal(fast[1], slow[1])
     torch.testing.assert_close(fast[0], slow[0], rtol=0, atol=1e-12)
 

@@ -15,7 +15,7 @@ from mulan.latents import KHotLatent
 from mulan.lightning.optim import AdamW
 from mulan.model import DiffusionModel
 from mulan.networks import AttentionBlock, UNet
-from mulan.schedules import LearnedScalar, Polynomial
+from mulan.processes.schedules import LearnedScalar, Polynomial
 from mulan.utils import float32_region
 
 SHAPE = (3, 16, 16)

@@ -28,14 +28,14 @@ from packaging.version import Version
 from mulan import elbo
 from mulan.cli import build_cli, main
 from mulan.latents import NoLatent
-from mulan.lightning.callbacks import EvaluationCallback
 from mulan.lightning.data import SyntheticDataModule
+from mulan.lightning.evaluation import EvaluationCallback
 from mulan.lightning.optim import AdamW, LinearWarmup
 from mulan.lightning.task import DiffusionTask
 from mulan.model import Bound
 from mulan.networks import UNet
 from mulan.parameterisation import Epsilon
-from mulan.schedules import FixedLinear, LearnedScalar
+from mulan.processes.schedules import FixedLinear, LearnedScalar
 from mulan.time_sampling import AntitheticUniform, antithetic_uniform
 
 ROOT = Path(__file__).parents[1]
@@ -443,7 +443,7 @@ def test_checkpoint_of_another_model_configuration_is_named(vdm_ckpt: Path, tmp_
     checkpoint's own hyper-parameters): the error names the checkpoint, the keys and the fix."""
     from mulan.latents import KHotLatent
     from mulan.lightning.data import EmbeddedDataModule
-    from mulan.schedules import Polynomial
+    from mulan.processes.schedules import Polynomial
 
     module = DiffusionTask(
         **vdm_kwargs(

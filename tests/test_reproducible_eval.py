@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mulan.cli import build_cli
-from mulan.lightning.callbacks import EvaluationCallback
 from mulan.lightning.data import EmbeddedDataModule
+from mulan.lightning.evaluation import EvaluationCallback
 from test_eval_resume import tiny_mulan
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 CONF = Path(__file__).parent / "conf"
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 EVALUATION = [
-    "--trainer.callbacks+=mulan.lightning.callbacks.EvaluationCallback",
+    "--trainer.callbacks+=mulan.lightning.evaluation.EvaluationCallback",
     "--trainer.callbacks.num_images=8",
     "--trainer.callbacks.num_times=2",
     "--trainer.callbacks.fid=false",

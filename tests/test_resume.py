@@ -144,7 +144,7 @@ def _probe_run(tmp_path: Path, accumulate: int, max_steps: int) -> list[tuple[in
     from functools import partial
 
     from mulan.networks import UNet
-    from mulan.schedules import FixedLinear
+    from mulan.processes.schedules import FixedLinear
 
     torch.manual_seed(0)
     module = Probe(

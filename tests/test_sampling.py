@@ -21,8 +21,8 @@ from mulan.latents import KHotLatent
 from mulan.model import DiffusionModel
 from mulan.networks import UNet
 from mulan.processes import Context
+from mulan.processes.schedules import FixedLinear, NoiseSchedule, Polynomial
 from mulan.sampling import SAMPLERS, SampleResult, ancestral_sample, dpm_solver_sample, ode_encode, ode_sample
-from mulan.schedules import FixedLinear, NoiseSchedule, Polynomial
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

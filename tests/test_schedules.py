@@ -1,4 +1,4 @@
-"""Tests of mulan.schedules: monotonicity, endpoints, analytic dgamma/dt against autograd, dtypes, shapes.
+"""Tests of mulan.processes.schedules: monotonicity, endpoints, analytic dgamma/dt against autograd, dtypes, shapes.
 
 docs: math, section 2: gamma is the negative log-SNR, increasing in t; FixedLinear/Polynomial (and MonotoneNN with
 ``learn_endpoints=False``) have fixed endpoints gamma_min/gamma_max; dgamma/dt is analytic.
@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 import torch
 
-from mulan.schedules import (
+from mulan.processes.schedules import (
     GAMMA_MAX,
     GAMMA_MIN,
     FixedLinear,

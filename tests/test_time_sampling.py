@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mulan import elbo
 from mulan.model import DiffusionModel
 from mulan.processes import Context
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, LearnedScalar, MonotoneNN, Polynomial
+from mulan.processes.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinear, LearnedScalar, MonotoneNN, Polynomial
 from mulan.time_sampling import AntitheticUniform, CauchyLogSNR, LaplaceLogSNR, LogSNRSampler, TimeSampler
 
 pytestmark = pytest.mark.usefixtures("single_thread")

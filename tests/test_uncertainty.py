@@ -24,7 +24,7 @@ from torch import Tensor
 from mulan import elbo, likelihood
 from mulan.likelihood import dense_elbo, ode_likelihood
 from mulan.model import DiffusionModel
-from mulan.schedules import FixedLinear
+from mulan.processes.schedules import FixedLinear
 from mulan.time_sampling import antithetic_uniform
 from test_likelihood import GAMMA_MAX_LARGE, SHAPE, GaussianDenoiser, _rotated_covariance
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from mulan import elbo
 from mulan.model import DiffusionModel
 from mulan.processes import Context
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN, LearnedScalar, MonotoneNN
+from mulan.processes.schedules import GAMMA_MAX, GAMMA_MIN, LearnedScalar, MonotoneNN
 from mulan.time_sampling import antithetic_uniform
 
 pytestmark = pytest.mark.usefixtures("single_thread")

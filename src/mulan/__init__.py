@@ -35,17 +35,20 @@ from mulan.likelihood import ODELikelihood, dense_elbo, dense_elbo_dataset, ode_
 from mulan.model import Bound, DiffusionModel
 from mulan.networks import UNet
 from mulan.parameterisation import Data, Epsilon, Parameterisation, Velocity
-from mulan.processes import Context, DiagonalProcess, ForwardProcess, Marginal
-from mulan.sampling import SampleResult, ancestral_sample, dpm_solver_sample, ode_sample
-from mulan.schedules import (
+from mulan.processes import (
     GAMMA_MAX,
     GAMMA_MIN,
+    Context,
+    DiagonalProcess,
     FixedLinear,
+    ForwardProcess,
     LearnedScalar,
+    Marginal,
     MonotoneNN,
     NoiseSchedule,
     Polynomial,
 )
+from mulan.sampling import SampleResult, ancestral_sample, dpm_solver_sample, ode_sample
 from mulan.time_sampling import AntitheticUniform, TimeSampler, antithetic_uniform
 
 try:

@@ -53,6 +53,36 @@ def decoder_logits(z_tilde: Tensor, gamma_0: Tensor) -> Tensor:
     return diff.square() * (-0.5 * torch.exp(-gamma_0)).unsqueeze(-1)
 
 
+DECODE_MODES = ("argmax", "sample", None)
+"""How samplers and :meth:`~mulan.processes.ForwardProcess.decode` turn the state at ``t = 0`` into data: the most
+probable bin, a draw from the decoder, or (``None``) the continuous values themselves."""
+
+
+def check_decode_mode(mode: str | None) -> None:
+    """Refuse a ``decode`` mode that is not one of :data:`DECODE_MODES`, in one line."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode must be 'argmax', 'sample' or None, got {mode!r}.")
+
+
+def decode_bins(
+    z_tilde: Tensor, gamma_0: Tensor, mode: str | None = "argmax", generator: torch.Generator | None = None
+) -> Tensor:
+    """The 256-way decoder ``p(x | z_0)`` read out at ``z~ = z_0 / alpha_0`` (N, C, H, W), float32, with
+    ``gamma_0`` broadcastable to it: the most probable bin (``mode="argmax"``) or a draw from the decoder
+    (``"sample"``, from ``generator``), as uint8 values ``k`` (N, C, H, W). ``mode=None`` is the caller's (it keeps
+    the continuous values) and is refused here, as is any other mode."""
+    if mode not in ("argmax", "sample"):
+        check_decode_mode(mode)
+        raise ValueError("decode_bins: mode=None keeps the continuous values; the caller returns them itself.")
+    logits = decoder_logits(z_tilde, gamma_0)  # (N, C, H, W, 256)
+    if mode == "argmax":
+        values = logits.argmax(-1)
+    else:
+        probs = torch.softmax(logits, -1).reshape(-1, NUM_BINS)
+        values = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    return values.to(torch.uint8)
+
+
 UNDERFLOW_MARGIN = 110.0
 """Logits more than this below the largest one add exactly 0 to a float32 softmax sum (``exp(-103.98)`` is
 below the smallest float32 subnormal), so the decoder may skip them without changing its value."""

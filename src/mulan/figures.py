@@ -18,7 +18,7 @@ from mulan.processes.base import Context
 
 
 def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
-    """uint8 (N, C, H, W) -> one uint8 grid image (C', H', W') with C' in {1, 3} kept as is."""
+    """uint8 (N, C, H, W) -> one uint8 grid image (3, H', W'): ``make_grid`` repeats one channel to three."""
     nrow = nrow or max(1, int(math.sqrt(images.shape[0])))
     return make_grid(images.cpu(), nrow=nrow, padding=1, pad_value=255)
 

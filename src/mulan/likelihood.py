@@ -5,10 +5,12 @@ All results are per image, in nats unless a name says bits per dimension (``bpd`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +18,8 @@ from torch import Tensor
 from mulan import elbo, ode
 from mulan.elbo import NUM_BINS
 from mulan.model import Bound, DiffusionModel
+from mulan.ode import ODESettings, rademacher_like, sampled_divergence_integral, stratified_times
+from mulan.ode_solver import solve, solve_at
 from mulan.processes.base import Context, as_context
 
 
@@ -61,9 +65,6 @@ def dense_elbo_dataset(model: DiffusionModel, batches: Iterable[Tensor], num_tim
 
 # ----------------------------------------------------------------------------------------------------
 # Likelihood by the probability-flow ODE (docs: math, section 6)
-
-DEFAULT_TIME_VARIABLE = "t"
-"""The ODE likelihood's integration variable unless told otherwise (:data:`mulan.ode.TIME_VARIABLES`)."""
 
 TRUNCATION = 3.0
 """The dequantiser's truncated normal lives on ``[-TRUNCATION, TRUNCATION]`` standard deviations."""
@@ -128,17 +129,15 @@ class ODELikelihood:
     seconds_per_image: float
 
 
-def rademacher_like(x: Tensor, generator: torch.Generator | None = None, num: int | None = None) -> Tensor:
-    """A Rademacher probe (entries +-1 with probability 1/2), shape and dtype of ``x``; ``num`` of them stacked
-    in a leading dimension, (num, *x.shape), when ``num`` is given."""
-    shape = x.shape if num is None else (num, *x.shape)
-    bits = torch.randint(0, 2, shape, device=x.device, generator=generator)
-    return (2 * bits - 1).to(x.dtype)
-
-
 def standard_normal_log_density(x: Tensor) -> Tensor:
     """``log N(x; 0, I)`` summed per example: (B, ...) -> (B,) nats."""
     return -0.5 * (x.square() + math.log(2 * math.pi)).flatten(1).sum(1)
+
+
+def _settings(settings: ODESettings | None, options: dict[str, Any]) -> ODESettings:
+    """``settings`` (None: :class:`~mulan.ode.ODESettings`'s defaults) with the fields named in ``options`` replaced
+    (checked again: a bad value raises here)."""
+    return dataclasses.replace(settings or ODESettings(), **options)
 
 
 @torch.no_grad()
@@ -146,16 +145,11 @@ def ode_log_density(
     model: DiffusionModel,
     x: Tensor,
     ctx: Context | Tensor | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    dtype: torch.dtype = torch.float32,
-    exact_divergence: bool = False,
+    settings: ODESettings | None = None,
+    *,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    num_probes: int = 1,
-    time_variable: str = DEFAULT_TIME_VARIABLE,
-    divergence_atol: float | None = None,
-    divergence_samples: int | None = None,
+    **options: Any,
 ) -> ODELogDensity:
     """``log p(x | ctx)`` of continuous data ``x`` (B, C, H, W) under the probability-flow ODE, in nats.
 
@@ -163,14 +157,18 @@ def ode_log_density(
     the auxiliaries' initial values (:meth:`~mulan.processes.ForwardProcess.initial_auxiliaries`), and ``log p`` is
     their joint log-density.
 
+    ``settings`` (:class:`~mulan.ode.ODESettings`; default: its defaults), with any of its fields given by name in
+    ``options`` in their place (``rtol=1e-4``); ``num_draws`` and ``solve_batch_size`` are not used here.
+
     Integrates the augmented state ``(x_t, int_0^t div dt)`` from t = 0 (the data end) to t = 1 and returns
     ``log p(x) = log N(x_1; 0, I) + int_0^1 div(drift) dt`` (change of variables: ``d/dt log p_t(x_t) = -div``).
     The divergence is exact (``exact_divergence=True``, ``D`` vector-Jacobian products per evaluation) or a
     Hutchinson estimate with ``num_probes`` Rademacher probes drawn from ``generator`` and held fixed for the whole
     solve, each integrated on its own: each gives an unbiased estimate of ``log p(x)`` (up to the solver's error;
     not of ``p(x)``), ``log_p`` is their mean and their spread estimates its variance (``log_p_var``). More probes
-    cost one more vector-Jacobian product each per evaluation, not another solve. Solver: :func:`mulan.ode.solve`
-    (dopri5 at ``rtol``/``atol`` in ``dtype``, TF32 off, autocast off outside the denoiser).
+    cost one more vector-Jacobian product each per evaluation, not another solve. Solver:
+    :func:`mulan.ode_solver.solve` (dopri5 at ``rtol``/``atol`` in ``dtype``, TF32 off, autocast off outside the
+    denoiser).
 
     ``time_variable``: ``"t"`` integrates in the process's time; ``"log_snr"`` in the normalised mean log-SNR time
     ``u`` of :class:`mulan.ode.LogSNRTime` (a change of the integration variable only: the same ``log p``, the
@@ -184,18 +182,15 @@ def ode_log_density(
     evaluation, "Error control of the divergence integral").
 
     ``divergence_samples`` (an even ``M``): the integral by stratified Monte Carlo instead of by the solver
-    (:func:`sampled_divergence_integral`): the trajectory alone is solved at ``rtol``/``atol`` (no divergence, no
-    vector-Jacobian product), and the divergence is evaluated at ``M`` times, one uniform in each of the strata
-    ``[i/M, (i+1)/M)`` and drawn for each example on its own (:func:`stratified_times`), at the trajectory's dense
-    output (:func:`mulan.ode.solve_at`), with fresh probes at each: the examples' estimates are independent.
+    (:func:`mulan.ode.sampled_divergence_integral`): the trajectory alone is solved at ``rtol``/``atol`` (no
+    divergence, no vector-Jacobian product), and the divergence is evaluated at ``M`` times, one uniform in each of
+    the strata ``[i/M, (i+1)/M)`` and drawn for each example on its own (:func:`mulan.ode.stratified_times`), at
+    the trajectory's dense output (:func:`mulan.ode_solver.solve_at`), with fresh probes at each: the examples'
+    estimates are independent.
     ``log_p`` stays an unbiased estimate of ``log p(x)`` up to the trajectory's error, ``log_p_var`` is a
     conservative estimate of its variance (also with one probe) and ``nfe`` counts both the trajectory's
     evaluations and the ``M``."""
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be at least 1, got {num_probes}.")
-    if divergence_atol is not None and not divergence_atol > 0:
-        raise ValueError(f"divergence_atol must be positive (math.inf: not controlled) or None, got {divergence_atol}.")
-    check_divergence_samples(divergence_samples, divergence_atol)
+    s = _settings(settings, options)
     if tuple(x.shape[1:]) != tuple(model.process.state_shape):
         raise ValueError(
             f"x must be a state of the process, (B, {', '.join(map(str, model.process.state_shape))}); got "
@@ -203,100 +198,35 @@ def ode_log_density(
             "(process.initial_auxiliaries)."
         )
     ctx = as_context(ctx)
-    x = x.to(dtype)
-    f = ode.drift_in(model, ctx, time_variable, x.shape[0], dtype, x.device)
-    if divergence_samples is not None:
-        times = stratified_times(divergence_samples, x, generator)  # (B, M): each row its own times
-        states, x_1, trajectory_nfe = ode.solve_at(f, x, times, rtol, atol, progress, "ODE trajectory")
+    x = x.to(s.dtype)
+    f = ode.drift_in(model, ctx, s.time_variable, x.shape[0], s.dtype, x.device)
+    if s.divergence_samples is not None:
+        times = stratified_times(s.divergence_samples, x, generator)  # (B, M): each row its own times
+        states, x_1, trajectory_nfe = solve_at(f, x, times, s.rtol, s.atol, progress, "ODE trajectory")
         integral, variance = sampled_divergence_integral(
-            f, times, states, None if exact_divergence else num_probes, generator
+            f, times, states, None if s.exact_divergence else s.num_probes, generator
         )
         log_p = standard_normal_log_density(x_1) + integral
-        return ODELogDensity(log_p, variance, x_1, trajectory_nfe + divergence_samples)
-    probes = None if exact_divergence else rademacher_like(x, generator, num_probes)
+        return ODELogDensity(log_p, variance, x_1, trajectory_nfe + s.divergence_samples)
+    probes = None if s.exact_divergence else rademacher_like(x, generator, s.num_probes)
 
     def augmented(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         velocity, div = ode.drift_and_divergence(f, t, state[0], probes)
-        return velocity, div.to(dtype)
+        return velocity, div.to(s.dtype)
 
-    width = 1 if probes is None else num_probes
-    rtols: float | tuple[float, ...] = rtol if divergence_atol is None else (rtol, 0.0)
-    atols: float | tuple[float, ...] = atol if divergence_atol is None else (atol, divergence_atol)
-    (x_1, integrals), nfe = ode.solve(
+    width = 1 if probes is None else s.num_probes
+    rtols, atols = s.tolerances
+    (x_1, integrals), nfe = solve(
         augmented, (x, x.new_zeros(x.shape[0], width)), 0.0, 1.0, rtols, atols, progress, "ODE likelihood"
     )
     log_p = standard_normal_log_density(x_1)[:, None] + integrals  # (B, P)
     if probes is None:
         variance = torch.zeros_like(log_p[:, 0])
-    elif num_probes == 1:
+    elif s.num_probes == 1:
         variance = torch.full_like(log_p[:, 0], math.nan)
     else:
-        variance = log_p.var(1) / num_probes
+        variance = log_p.var(1) / s.num_probes
     return ODELogDensity(log_p.mean(1), variance, x_1, nfe)
-
-
-def check_divergence_samples(
-    divergence_samples: int | None, divergence_atol: float | None = None, prefix: str = ""
-) -> None:
-    """Refuse a ``divergence_samples`` that is not an even number of at least 2, or one given with a
-    ``divergence_atol`` (the sampled integral is not solved, so it has no tolerance). ``prefix``: of the option
-    names in the message (``"ode_"`` for the callback's)."""
-    name = f"{prefix}divergence_samples"
-    if divergence_samples is None:
-        return
-    if isinstance(divergence_samples, bool) or not isinstance(divergence_samples, int):
-        raise ValueError(f"{name} must be an even integer >= 2 or None, got {divergence_samples!r}.")
-    if divergence_samples < 2 or divergence_samples % 2:
-        raise ValueError(
-            f"{name} must be an even integer >= 2 (its strata are paired to estimate the variance), "
-            f"got {divergence_samples}."
-        )
-    if divergence_atol is not None:
-        raise ValueError(
-            f"{name} and {prefix}divergence_atol exclude each other: a sampled divergence integral is not "
-            "solved, so it has no tolerance. Set one of them."
-        )
-
-
-def stratified_times(num: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """For each of the ``B = x.shape[0]`` examples its own ``num`` increasing times in ``(0, 1)``, one uniform in
-    each stratum ``[i/num, (i+1)/num)``, independent between examples: (B, num) in ``x``'s dtype and device, from
-    ``generator`` (on that device). Independent times make the examples' estimates independent (docs: math,
-    section 6), so their spread is an honest error bar."""
-    offsets = torch.rand(x.shape[0], num, device=x.device, generator=generator, dtype=x.dtype)
-    times = (torch.arange(num, device=x.device, dtype=x.dtype) + offsets) / num
-    eps = torch.finfo(x.dtype).eps  # strictly inside (0, 1)
-    return times.clamp(eps, 1 - eps)
-
-
-def sampled_divergence_integral(
-    f: Callable[[Tensor, Tensor], Tensor],
-    times: Tensor,
-    states: Tensor,
-    num_probes: int | None,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Stratified Monte Carlo estimate of ``int_0^1 div f(x(t), t) dt`` along each example's solved trajectory, in
-    nats.
-
-    ``times`` (B, M): each example's own time per stratum ``[i/M, (i+1)/M)`` (:func:`stratified_times`), ``M``
-    even; ``states`` (M, B, ...): the trajectories there (:func:`mulan.ode.solve_at`). At each time the divergence
-    is the exact trace (``num_probes=None``) or the mean of ``num_probes`` fresh Rademacher probes' Hutchinson
-    estimates (fresh per example too), so the mean of the ``M`` values is unbiased for the integral along the
-    trajectory, whatever the divergence does between the solver's steps. Its variance ``(1/M^2) sum_i Var d_i`` is
-    estimated from the pairs of neighbouring strata, ``(1/M^2) sum_j (d_2j - d_2j+1)^2``, whose expectation is that
-    plus the squared differences of the pairs' means: conservative (docs: math, section 6). With each example's
-    own times and probes the examples' estimates are independent, so the variance of a mean over examples is the
-    mean of these over their count. Returns the estimate and that variance, two (B,) tensors."""
-    values = []
-    for t, x in zip(times.T, states, strict=True):
-        probes = None if num_probes is None else rademacher_like(x, generator, num_probes)
-        _, div = ode.drift_and_divergence(f, t, x, probes)
-        values.append(div.mean(1).to(x.dtype))
-    d = torch.stack(values, 1)  # (B, M)
-    num = d.shape[1]
-    variance = (d[:, 0::2] - d[:, 1::2]).square().sum(1) / num**2
-    return d.mean(1), variance
 
 
 def dequantise(
@@ -368,18 +298,11 @@ def ode_likelihood(
     model: DiffusionModel,
     images: Tensor,
     y: Tensor | None = None,
-    num_draws: int = 1,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    dtype: torch.dtype = torch.float32,
-    exact_divergence: bool = False,
+    settings: ODESettings | None = None,
+    *,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    num_probes: int = 1,
-    solve_batch_size: int | None = None,
-    time_variable: str = DEFAULT_TIME_VARIABLE,
-    divergence_atol: float | None = None,
-    divergence_samples: int | None = None,
+    **options: Any,
 ) -> ODELikelihood:
     """Bits/dim of 8-bit images by the probability-flow ODE with truncated-normal dequantisation.
 
@@ -410,17 +333,14 @@ def ode_likelihood(
     and the same two bounds hold; ``D`` stays the data's dimension.
 
     Call it on a model in eval mode (dropout would make the ODE's right-hand side random). Returns an
-    :class:`ODELikelihood`. Solver options (``rtol``, ``atol``, ``dtype``, ``exact_divergence``, ``num_probes``,
-    ``time_variable``, ``divergence_atol``, ``divergence_samples``) as in :func:`ode_log_density`; the
-    dequantisation, the latent and the bound do not depend on the time variable. With ``divergence_samples`` each
-    ``log p`` is an unbiased estimate (sampled times), so ``nll_nats`` is the mean of the single-draw bounds even
-    with the exact divergence."""
+    :class:`ODELikelihood`. The options are those of ``settings`` (:class:`~mulan.ode.ODESettings`; default: its
+    defaults), any of its fields given by name in ``options`` in their place (``num_draws=4, rtol=1e-4``); solver
+    options as in :func:`ode_log_density`. The dequantisation, the latent and the bound do not depend on the time
+    variable. With ``divergence_samples`` each ``log p`` is an unbiased estimate (sampled times), so ``nll_nats`` is
+    the mean of the single-draw bounds even with the exact divergence."""
     model.check_images(images)
-    if num_draws < 1:
-        raise ValueError(f"num_draws must be at least 1, got {num_draws}.")
-    check_divergence_samples(divergence_samples, divergence_atol)
-    if solve_batch_size is not None and solve_batch_size < 1:
-        raise ValueError(f"solve_batch_size must be at least 1 (or None: all rows at once), got {solve_batch_size}.")
+    s = _settings(settings, options)
+    num_draws, dtype = s.num_draws, s.dtype
     start = time.perf_counter()
     b = images.shape[0]
     ctx, latent_cost, _ = model.encode(elbo.to_unit_interval(images), y)
@@ -429,24 +349,11 @@ def ode_likelihood(
     state, log_q_aux = model.process.initial_auxiliaries(x_tilde, generator)
     log_q = log_q + log_q_aux
     z, cond = (None if v is None else _repeat_rows(v, num_draws, b) for v in (ctx.z, ctx.y))
-    step = solve_batch_size or state.shape[0]
+    step = s.solve_batch_size or state.shape[0]
     log_p, log_p_var, nfe = [], [], []
     for rows in torch.arange(state.shape[0], device=images.device).split(step):
-        part = ode_log_density(
-            model,
-            state[rows],
-            Context(z=None if z is None else z[rows], y=None if cond is None else cond[rows]),
-            rtol,
-            atol,
-            dtype,
-            exact_divergence,
-            generator,
-            progress,
-            num_probes,
-            time_variable,
-            divergence_atol,
-            divergence_samples,
-        )
+        rows_ctx = Context(z=None if z is None else z[rows], y=None if cond is None else cond[rows])
+        part = ode_log_density(model, state[rows], rows_ctx, s, generator=generator, progress=progress)
         log_p.append(part.log_p)
         log_p_var.append(part.log_p_var)
         nfe.append(torch.full((rows.numel(),), float(part.nfe), device=images.device))
@@ -454,7 +361,7 @@ def ode_likelihood(
     log_w_var = torch.cat(log_p_var).view(num_draws, b)
     latent_nats = latent_cost.to(dtype)
     log_mean, bias = importance_weighted(log_w, log_w_var)
-    exact_log_p = exact_divergence and divergence_samples is None  # no noise in log p: the log-mean-exp is a bound
+    exact_log_p = s.exact_log_p  # no noise in log p: the log-mean-exp is a bound
     iw_is_bound = exact_log_p or num_draws == 1
     iw_nll = latent_nats - log_mean
     nll = iw_nll if exact_log_p else latent_nats - log_w.mean(0)

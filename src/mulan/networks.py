@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mulan.processes.base import ImageShape
-from mulan.schedules import GAMMA_MAX, GAMMA_MIN
+from mulan.processes.base import GAMMA_MAX, GAMMA_MIN, ImageShape
 from mulan.utils import float32_region
 
 

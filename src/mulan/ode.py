@@ -1,19 +1,22 @@
-"""The probability-flow ODE of a model, its divergence and one adaptive solver, shared by sampling and likelihood.
+"""The probability-flow ODE of a model: its drift, its time variable, its divergence, and the settings of its
+likelihood.
 
 The forward process has, per state coordinate, the marginals of a linear SDE; its probability-flow ODE
 ``dx/dt = drift(x, t)`` (:meth:`mulan.processes.ForwardProcess.ode_drift`, with the model's noise prediction in
 place of the score) moves data (t = 0) to noise (t = 1) with the same marginals (docs: math, section 6).
-:func:`solve` integrates any such system with adaptive Dormand-Prince RK45 (``torchdiffeq``'s ``dopri5``) on the
-tensors' device, batched, with one step size for the batch controlled by the worst per-example error.
+:mod:`mulan.ode_solver` integrates it; :mod:`mulan.likelihood` turns it into a likelihood, with the options of
+:class:`ODESettings`.
 
 The ODE can be integrated in ``t`` or, after a change of time variable, in the normalised mean log-SNR time
-``u`` of :class:`LogSNRTime` (``time_variable="log_snr"``; docs: evaluation, "Time variable").
+``u`` of :class:`LogSNRTime` (``time_variable="log_snr"``; docs: evaluation, "Time variable"). Its divergence is
+exact or a Hutchinson estimate (:func:`drift_and_divergence`), integrated by the solver or sampled at stratified
+times (:func:`stratified_times`, :func:`sampled_divergence_integral`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,9 +25,7 @@ from torch import Tensor
 
 from mulan.processes.base import Context, ForwardProcess
 from mulan.processes.diagonal import DiagonalProcess
-from mulan.utils import float32_region, progress_bar
-
-State = Any  # a Tensor, or a tuple of Tensors whose first dimension is the batch
+from mulan.utils import float32_region
 
 
 def drift(model: Any, ctx: Context) -> Callable[[Tensor, Tensor], Tensor]:
@@ -41,6 +42,9 @@ def drift(model: Any, ctx: Context) -> Callable[[Tensor, Tensor], Tensor]:
 TIME_VARIABLES = ("t", "log_snr")
 """The variables the probability-flow ODE can be integrated in: the process's time ``t``, or the normalised mean
 log-SNR time ``u`` of :class:`LogSNRTime`."""
+
+DEFAULT_TIME_VARIABLE = "t"
+"""The integration variable unless told otherwise."""
 
 INVERSION_STEPS = 60
 """Most safeguarded Newton steps :meth:`LogSNRTime.time` takes to invert ``u(t)`` (it stops at rounding level)."""
@@ -221,193 +225,147 @@ def drift_and_divergence(
     return out.detach(), trace[:, None]
 
 
-def per_example_norm(state: Tensor | tuple[Tensor, ...]) -> Tensor:
-    """Error norm for a batched solve: the worst per-example RMS over the batch (and over tuple components).
-
-    Every example is then integrated at least as accurately as if it were solved alone at the same tolerance."""
-    parts = state if isinstance(state, tuple) else (state,)
-    return torch.stack([p.reshape(p.shape[0], -1).square().mean(1).sqrt().max() for p in parts]).max()
-
-
-@contextlib.contextmanager
-def tf32_disabled() -> Iterator[None]:
-    """Turn TF32 matmuls/convolutions off (CUDA) for the duration; restore the previous settings after."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+def rademacher_like(x: Tensor, generator: torch.Generator | None = None, num: int | None = None) -> Tensor:
+    """A Rademacher probe (entries +-1 with probability 1/2), shape and dtype of ``x``; ``num`` of them stacked
+    in a leading dimension, (num, *x.shape), when ``num`` is given."""
+    shape = x.shape if num is None else (num, *x.shape)
+    bits = torch.randint(0, 2, shape, device=x.device, generator=generator)
+    return (2 * bits - 1).to(x.dtype)
 
 
-def solve(
-    func: Callable[[Tensor, State], State],
-    state: State,
-    t_start: float,
-    t_end: float,
-    rtol: float | tuple[float, ...] = 1e-5,
-    atol: float | tuple[float, ...] = 1e-5,
-    progress: bool = False,
-    description: str = "probability-flow ODE",
-) -> tuple[State, int]:
-    """Integrate ``d state / dt = func(t, state)`` from ``t_start`` to ``t_end`` (either direction) with dopri5.
-
-    ``state`` is a tensor or a tuple of tensors (batch first) in float32 or float64; the times are in the
-    state's dtype. ``rtol``/``atol`` are one number for the whole state or, for a tuple state, one per component
-    (``math.inf`` takes a component out of the error control: it is integrated on the steps the others set). TF32
-    is off and no autograd graph is kept. Returns ``(state at t_end, number of evaluations)``.
-    """
-    first = state[0] if isinstance(state, tuple) else state
-    times = torch.tensor([t_start, t_end], dtype=first.dtype, device=first.device)
-    path, nfe = solve_path(func, state, times, rtol, atol, progress, description)
-    end = tuple(p[-1] for p in path) if isinstance(state, tuple) else path[-1]
-    return end, nfe
+def stratified_times(num: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """For each of the ``B = x.shape[0]`` examples its own ``num`` increasing times in ``(0, 1)``, one uniform in
+    each stratum ``[i/num, (i+1)/num)``, independent between examples: (B, num) in ``x``'s dtype and device, from
+    ``generator`` (on that device). Independent times make the examples' estimates independent (docs: math,
+    section 6), so their spread is an honest error bar."""
+    offsets = torch.rand(x.shape[0], num, device=x.device, generator=generator, dtype=x.dtype)
+    times = (torch.arange(num, device=x.device, dtype=x.dtype) + offsets) / num
+    eps = torch.finfo(x.dtype).eps  # strictly inside (0, 1)
+    return times.clamp(eps, 1 - eps)
 
 
-def solve_path(
-    func: Callable[[Tensor, State], State],
-    state: State,
+def sampled_divergence_integral(
+    f: Callable[[Tensor, Tensor], Tensor],
     times: Tensor,
-    rtol: float | tuple[float, ...] = 1e-5,
-    atol: float | tuple[float, ...] = 1e-5,
-    progress: bool = False,
-    description: str = "probability-flow ODE",
-) -> tuple[State, int]:
-    """:func:`solve` from ``times[0]`` through the monotone ``times`` (N,): the state at each of them, (N, B, ...)
-    per component, and the number of evaluations.
+    states: Tensor,
+    num_probes: int | None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Stratified Monte Carlo estimate of ``int_0^1 div f(x(t), t) dt`` along each example's solved trajectory, in
+    nats.
 
-    The steps are those :func:`solve` takes from ``times[0]`` to ``times[-1]``: the states at the times in between
-    come from dopri5's fourth-order dense output on those steps, so asking for them costs no evaluation and does
-    not move a step."""
-    from torchdiffeq import odeint
+    ``times`` (B, M): each example's own time per stratum ``[i/M, (i+1)/M)`` (:func:`stratified_times`), ``M``
+    even; ``states`` (M, B, ...): the trajectories there (:func:`mulan.ode_solver.solve_at`). At each time the
+    divergence is the exact trace (``num_probes=None``) or the mean of ``num_probes`` fresh Rademacher probes'
+    Hutchinson estimates (fresh per example too), so the mean of the ``M`` values is unbiased for the integral along
+    the trajectory, whatever the divergence does between the solver's steps. Its variance ``(1/M^2) sum_i Var d_i``
+    is estimated from the pairs of neighbouring strata, ``(1/M^2) sum_j (d_2j - d_2j+1)^2``, whose expectation is
+    that plus the squared differences of the pairs' means: conservative (docs: math, section 6). With each example's
+    own times and probes the examples' estimates are independent, so the variance of a mean over examples is the
+    mean of these over their count. Returns the estimate and that variance, two (B,) tensors."""
+    values = []
+    for t, x in zip(times.T, states, strict=True):
+        probes = None if num_probes is None else rademacher_like(x, generator, num_probes)
+        _, div = drift_and_divergence(f, t, x, probes)
+        values.append(div.mean(1).to(x.dtype))
+    d = torch.stack(values, 1)  # (B, M)
+    num = d.shape[1]
+    variance = (d[:, 0::2] - d[:, 1::2]).square().sum(1) / num**2
+    return d.mean(1), variance
 
-    first = state[0] if isinstance(state, tuple) else state
-    times = times.to(dtype=first.dtype, device=first.device)
-    t_start = float(times[0])
-    nfe, reached, span = 0, 0.0, abs(float(times[-1]) - t_start)
-    with progress_bar(span, description, progress) as advance:
 
-        def counted(t: Tensor, y: State) -> State:
-            nonlocal nfe, reached
-            nfe += 1
-            if progress:  # float(t) syncs with the device: only for the bar
-                distance = abs(float(t) - t_start)
-                if distance > reached:
-                    advance(distance - reached)
-                    reached = distance
-            return func(t, y)
-
-        # per-component tolerances in the state's dtype (torchdiffeq would round them through float32)
-        rtols, atols = (
-            tuple(torch.tensor(v, dtype=first.dtype) for v in tol) if isinstance(tol, tuple) else tol
-            for tol in (rtol, atol)
+def check_divergence_samples(
+    divergence_samples: int | None, divergence_atol: float | None = None, prefix: str = ""
+) -> None:
+    """Refuse a ``divergence_samples`` that is not an even number of at least 2, or one given with a
+    ``divergence_atol`` (the sampled integral is not solved, so it has no tolerance). ``prefix``: of the option
+    names in the message (``"ode_"`` for the callback's)."""
+    name = f"{prefix}divergence_samples"
+    if divergence_samples is None:
+        return
+    if isinstance(divergence_samples, bool) or not isinstance(divergence_samples, int):
+        raise ValueError(f"{name} must be an even integer >= 2 or None, got {divergence_samples!r}.")
+    if divergence_samples < 2 or divergence_samples % 2:
+        raise ValueError(
+            f"{name} must be an even integer >= 2 (its strata are paired to estimate the variance), "
+            f"got {divergence_samples}."
         )
-        with torch.no_grad(), tf32_disabled():
-            path = odeint(
-                counted, state, times, rtol=rtols, atol=atols, method="dopri5", options={"norm": per_example_norm}
+    if divergence_atol is not None:
+        raise ValueError(
+            f"{name} and {prefix}divergence_atol exclude each other: a sampled divergence integral is not "
+            "solved, so it has no tolerance. Set one of them."
+        )
+
+
+def check_divergence_options(
+    time_variable: str, divergence_atol: float | None, divergence_samples: int | None, prefix: str = ""
+) -> None:
+    """Refuse an unknown ``time_variable``, a ``divergence_atol`` that is not positive (``math.inf``: not
+    controlled) and a bad ``divergence_samples`` (:func:`check_divergence_samples`), with the option names
+    ``prefix`` + name (``"ode_"``: the :class:`~mulan.lightning.evaluation.EvaluationCallback`'s)."""
+    if time_variable not in TIME_VARIABLES:
+        choices = ", ".join(map(repr, TIME_VARIABLES))
+        raise ValueError(f"{prefix}time_variable must be one of {choices}, got {time_variable!r}.")
+    if divergence_atol is not None and not divergence_atol > 0:
+        raise ValueError(
+            f"{prefix}divergence_atol must be positive (inf: not controlled) or None, got {divergence_atol}."
+        )
+    check_divergence_samples(divergence_samples, divergence_atol, prefix)
+
+
+@dataclass(frozen=True)
+class ODESettings:
+    """How the probability-flow ODE likelihood is computed (:func:`mulan.likelihood.ode_likelihood`,
+    :func:`~mulan.likelihood.ode_log_density`); checked when made. The evaluation callback builds one from its
+    ``ode_*`` options (``ode_draws`` is ``num_draws``, ``ode_probes`` is ``num_probes``, the others keep their
+    names after the prefix).
+
+    Args:
+        num_draws: truncated-normal dequantisation draws ``K`` per image (not used by ``ode_log_density``).
+        num_probes: Hutchinson probes ``P`` per solve, held fixed for the solve (``>= 2`` estimates their noise).
+        exact_divergence: the exact trace instead of the probes (``D`` vector-Jacobian products per evaluation).
+        rtol, atol: the dopri5 solver's tolerances on the state.
+        divergence_atol: the log-density integral's own absolute tolerance in nats (None: ``rtol``/``atol`` like
+            the state; ``math.inf``: not error-controlled; docs: evaluation, "Error control of the divergence
+            integral").
+        divergence_samples: an even ``M``: the integral by stratified sampling at ``M`` times on the trajectory
+            solved alone (None: solved with the state).
+        time_variable: the integration variable, one of :data:`TIME_VARIABLES`.
+        dtype: of the solve (float32 or float64).
+        solve_batch_size: (image, draw) rows per solve (None: all at once; not used by ``ode_log_density``).
+    """
+
+    num_draws: int = 1
+    num_probes: int = 1
+    exact_divergence: bool = False
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    divergence_atol: float | None = None
+    divergence_samples: int | None = None
+    time_variable: str = DEFAULT_TIME_VARIABLE
+    dtype: torch.dtype = torch.float32
+    solve_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_draws", "num_probes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.solve_batch_size is not None and self.solve_batch_size < 1:
+            raise ValueError(
+                f"solve_batch_size must be at least 1 (or None: all rows at once), got {self.solve_batch_size}."
             )
-    return path, nfe
+        check_divergence_options(self.time_variable, self.divergence_atol, self.divergence_samples)
 
+    @property
+    def exact_log_p(self) -> bool:
+        """Whether ``log p`` has no estimator noise: the exact divergence integrated by the solver."""
+        return self.exact_divergence and self.divergence_samples is None
 
-def solve_at(
-    func: Callable[[Tensor, Tensor], Tensor],
-    state: Tensor,
-    times: Tensor,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    progress: bool = False,
-    description: str = "probability-flow ODE",
-) -> tuple[Tensor, Tensor, int]:
-    """:func:`solve` of a tensor ``state`` (B, ...) from 0 to 1, with each example's state read off at its own times.
-
-    ``times`` (B, M), in ``(0, 1)``: example ``b``'s output times. Returns ``(states, end, nfe)``: ``states`` (M, B,
-    ...) with ``states[i, b]`` the state of example ``b`` at ``times[b, i]``, ``end`` (B, ...) the state at ``t = 1``
-    and the number of evaluations. The steps are exactly those of :func:`solve` (output times never move a step),
-    and each state comes from dopri5's fourth-order dense output on the step that holds its time, the same
-    polynomial :func:`solve_path` evaluates (bit for bit when all examples share their times). The pairs are read
-    off in time order as the solve passes them, so memory is that of the ``B M`` states returned, not ``B M`` full
-    batches."""
-    b = state.shape[0]
-    if times.dim() != 2 or times.shape[0] != b:
-        raise ValueError(f"times must be (B, M) with B = {b}, the state's batch; got {tuple(times.shape)}.")
-    try:
-        from torchdiffeq._impl.misc import _check_inputs
-        from torchdiffeq._impl.odeint import SOLVERS
-    except ImportError:  # another torchdiffeq layout: every example's times as output times of one solve (more memory)
-        return _solve_at_union(func, state, times, rtol, atol, progress, description)
-    flat = times.reshape(-1)
-    rows = torch.arange(b, device=state.device).repeat_interleave(times.shape[1])
-    nfe, reached = 0, 0.0
-    with progress_bar(1.0, description, progress) as advance:
-
-        def counted(t: Tensor, y: Tensor) -> Tensor:
-            nonlocal nfe, reached
-            nfe += 1
-            if progress and float(t) > reached:
-                advance(float(t) - reached)
-                reached = float(t)
-            return func(t, y)
-
-        with torch.no_grad(), tf32_disabled():
-            span = torch.tensor([0.0, 1.0], dtype=state.dtype, device=state.device)
-            options = {"norm": per_example_norm}
-            checked = _check_inputs(counted, state, span, rtol, atol, "dopri5", options, None, SOLVERS)
-            _, wrapped, y0, span, rtol_, atol_, method, options, _, _ = checked
-            solver = SOLVERS[method](func=wrapped, y0=y0, rtol=rtol_, atol=atol_, **options)
-            span = span.to(solver.dtype)
-            order = torch.argsort(flat)
-            pending = flat[order].to(solver.dtype)
-            out = state.new_empty(flat.shape[0], *state.shape[1:])
-            solver._before_integrate(span)
-            done = 0
-            while True:
-                rk = solver.rk_state
-                reached_pairs = int(torch.searchsorted(pending, rk.t1.reshape(1), right=True))
-                if reached_pairs > done:  # the pairs whose times this (accepted) step covers
-                    chosen = order[done:reached_pairs]
-                    out[chosen] = _interpolate_rows(
-                        rk.interp_coeff, rk.t0, rk.t1, pending[done:reached_pairs], rows[chosen]
-                    )
-                    done = reached_pairs
-                if not bool(span[1] > rk.t1):
-                    break
-                solver.rk_state = solver._adaptive_step(rk)
-            end = _interpolate_rows(
-                rk.interp_coeff, rk.t0, rk.t1, span[1].expand(b), torch.arange(b, device=state.device)
-            )
-    return out.view(b, times.shape[1], *state.shape[1:]).transpose(0, 1), end, nfe
-
-
-def _interpolate_rows(coefficients: list[Tensor], t0: Tensor, t1: Tensor, t: Tensor, rows: Tensor) -> Tensor:
-    """dopri5's dense output ``e + d x + c x^2 + b x^3 + a x^4``, ``x = (t - t0) / (t1 - t0)``, of the examples
-    ``rows`` (N,) at their times ``t`` (N,): (N, ...). The arithmetic, in this order, of torchdiffeq's scalar-time
-    ``_interp_evaluate``."""
-    x = ((t - t0) / (t1 - t0)).to(coefficients[0].dtype).view(-1, *([1] * (coefficients[0].dim() - 1)))
-    total = coefficients[0][rows] + x * coefficients[1][rows]
-    power = x
-    for coefficient in coefficients[2:]:
-        power = power * x
-        total = total + power * coefficient[rows]
-    return total
-
-
-def _solve_at_union(
-    func: Callable[[Tensor, Tensor], Tensor],
-    state: Tensor,
-    times: Tensor,
-    rtol: float,
-    atol: float,
-    progress: bool,
-    description: str,
-) -> tuple[Tensor, Tensor, int]:
-    """:func:`solve_at` through :func:`solve_path` at the sorted union of all examples' times (memory ``B M``
-    full batches): for torchdiffeq versions without the solver internals :func:`solve_at` reads."""
-    b, m = times.shape
-    flat = times.reshape(-1)
-    order = torch.argsort(flat)
-    grid = torch.cat([flat.new_zeros(1), flat[order], flat.new_ones(1)])
-    path, nfe = solve_path(func, state, grid, rtol, atol, progress, description)
-    rows = torch.arange(b, device=state.device).repeat_interleave(m)
-    out = state.new_empty(b * m, *state.shape[1:])
-    out[order] = path[1:-1][torch.arange(b * m, device=state.device), rows[order]]
-    return out.view(b, m, *state.shape[1:]).transpose(0, 1), path[-1], nfe
+    @property
+    def tolerances(self) -> tuple[float | tuple[float, float], float | tuple[float, float]]:
+        """``(rtol, atol)`` of the augmented state ``(x, log-density integral)``: one pair for both, or with
+        ``divergence_atol`` one per component (the integral: that absolute tolerance and no relative one, since it
+        is thousands of nats and ``rtol`` alone would ask for hundredths of a nat)."""
+        if self.divergence_atol is None:
+            return self.rtol, self.atol
+        return (self.rtol, 0.0), (self.atol, self.divergence_atol)

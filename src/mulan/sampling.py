@@ -16,10 +16,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from mulan import ode
+from mulan import elbo, ode
 from mulan.model import DiffusionModel
+from mulan.ode_solver import solve
 from mulan.processes.base import Context, Marginal
-from mulan.processes.diagonal import DECODE_MODES
 from mulan.utils import float32_region, module_device, progress_bar
 
 
@@ -66,11 +66,6 @@ def sampling_context(
     return Context(z=z, y=None if y is None else y.to(device)), device
 
 
-def _check_decode(mode: str | None) -> None:
-    if mode not in DECODE_MODES:
-        raise ValueError(f"decode must be 'argmax', 'sample' or None, got {mode!r}.")
-
-
 @torch.no_grad()
 def ancestral_sample(
     model: DiffusionModel,
@@ -90,7 +85,7 @@ def ancestral_sample(
     from ``generator`` when given (it must live on the sampling ``device``, default: the model's). The model runs
     in whatever train/eval mode it is in. Returns a :class:`SampleResult` (``nfe = steps``).
     """
-    _check_decode(decode)
+    elbo.check_decode_mode(decode)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
     ctx, device = sampling_context(model, num_samples, z, y, device, generator)
@@ -145,7 +140,7 @@ def dpm_solver_sample(
     second-order term corrects ``x_hat`` as the deterministic sampler does. The fresh noise at every step
     corrects errors of an imperfect denoiser that the deterministic ODE carries along.
     """
-    _check_decode(decode)
+    elbo.check_decode_mode(decode)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
     if order not in (1, 2):
@@ -210,7 +205,7 @@ def ode_encode(
 ) -> tuple[Tensor, int]:
     """Map continuous data ``x_0`` (N, *state_shape) to its code ``x_1`` by the ODE, t = 0 -> 1: ``(x_1, nfe)``."""
     ctx = Context(z=z, y=y)
-    return ode.solve(ode.drift(model, ctx), x_0.to(dtype), 0.0, 1.0, rtol, atol)
+    return solve(ode.drift(model, ctx), x_0.to(dtype), 0.0, 1.0, rtol, atol)
 
 
 @torch.no_grad()
@@ -234,9 +229,9 @@ def ode_sample(
     (float32 or float64). ``decode`` as in :func:`ancestral_sample`. Returns a :class:`SampleResult` whose ``nfe``
     counts the solver's evaluations of the denoiser (each on the whole batch).
     """
-    _check_decode(decode)
+    elbo.check_decode_mode(decode)
     ctx, device = sampling_context(model, num_samples, z, y, device, generator)
     if x_1 is None:
         x_1 = model.process.prior_sample(num_samples, ctx, generator)
-    x_0, nfe = ode.solve(ode.drift(model, ctx), x_1.to(device, dtype), 1.0, 0.0, rtol, atol, progress, "ODE sampling")
+    x_0, nfe = solve(ode.drift(model, ctx), x_1.to(device, dtype), 1.0, 0.0, rtol, atol, progress, "ODE sampling")
     return SampleResult(model.process.decode(x_0, ctx, decode, generator), ctx.z, nfe)

@@ -236,7 +236,7 @@ def bisect(f: Callable[[Tensor], Tensor], target: Tensor, lo: Tensor, hi: Tensor
 def invert_gamma(process: DiagonalProcess, ctx: Context, target: Tensor, gamma_0: Tensor, gamma_1: Tensor) -> Tensor:
     """Times (B,) float32 with ``gamma(t) = target`` (B,) for a scalar diagonal process; ``gamma_0``, ``gamma_1``: its
     endpoints (B,). Closed form for the linear schedules, bisection on ``t`` otherwise."""
-    from mulan.schedules import FixedLinear, LearnedScalar
+    from mulan.processes.schedules import FixedLinear, LearnedScalar
 
     if isinstance(process, FixedLinear | LearnedScalar):
         return ((target - gamma_0) / (gamma_1 - gamma_0)).clamp(0.0, 1.0).float()

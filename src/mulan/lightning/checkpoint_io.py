@@ -1,20 +1,22 @@
-"""Checkpoint files: read safely with clear errors, written so that they are either complete or absent, and kept
-so that ``last.ckpt`` is always the newest (:class:`LastCheckpoint`)."""
+"""Checkpoint files in training: written so that they are either complete or absent (:class:`AtomicCheckpointIO`),
+and kept so that ``last.ckpt`` is always the newest (:class:`LastCheckpoint`). Reading them safely, with clear
+errors, is :func:`mulan.checkpoints.load_checkpoint` (pure torch; re-exported here for old imports)."""
 
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mulan.export import is_safetensors, read_checkpoint_dict
+from mulan.checkpoints import load_checkpoint  # noqa: F401 (its old path, kept for old imports)
+
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "file_mode", "load_checkpoint"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -67,49 +69,6 @@ def _fsync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
-
-
-def load_checkpoint(path: str, error: Any = None) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with clear errors for missing, unsafe or corrupted files; a
-    safetensors export of :mod:`mulan.export` is read (and verified) as a checkpoint-shaped dict instead."""
-
-    def fail(message: str) -> NoReturn:
-        if error is not None:
-            error(message)
-        raise ValueError(message)
-
-    file = Path(path)
-    if file.is_dir():
-        fail(f"checkpoint {path!r} is a directory; give the path of a .ckpt file inside it (written by mulan-cli fit).")
-    if not file.is_file():
-        fail(
-            f"checkpoint {path!r} does not exist (give the path of a .ckpt file written by `mulan-cli fit`, or of a "
-            ".safetensors file written by `python -m mulan.export`)."
-        )
-    if is_safetensors(file):
-        try:
-            return read_checkpoint_dict(file)
-        except ValueError as exc:
-            fail(str(exc))
-    try:
-        checkpoint = torch.load(file, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln), str(exc)[:200])
-        if "global" in detail.lower() or "unsupported" in detail.lower():
-            fail(
-                f"checkpoint {path!r} was refused as unsafe: it holds pickled Python objects beyond tensors and plain "
-                "containers (loading them could run code), and mulan loads checkpoints with weights_only=True. "
-                f"Only load checkpoints you trust ({detail})."
-            )
-        fail(f"checkpoint {path!r} cannot be read: it is not a checkpoint, or it is truncated or corrupted ({detail}).")
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
-        fail(
-            f"checkpoint {path!r} cannot be read: it is not a checkpoint, or it is truncated or corrupted "
-            f"({type(exc).__name__}: {exc})."
-        )
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        fail(f"checkpoint {path!r} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt from mulan-cli fit.")
-    return checkpoint
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -1,9 +1,10 @@
-"""Feature networks for FID/KID that run offline, where InceptionV3's weights cannot be downloaded (or, for 8x8
-digits, mean nothing): small CNNs trained in seconds on the embedded data and saved to a weights file.
+"""Feature networks for FID/KID: torch-fidelity's InceptionV3 weights, found and checked before a run starts
+(:func:`resolve_inception_weights`), and networks that run offline, where those weights cannot be downloaded (or,
+for 8x8 digits, mean nothing): small CNNs trained in seconds on the embedded data and saved to a weights file.
 
 * :class:`DigitsFeatures`: a classifier of scikit-learn's labelled digits (the analogue of MNIST's "LeNet FID").
-* :class:`RotationFeatures`: a network trained to tell which of four rotations was applied to an image of the
-  training split (self-supervised; for the photo crops, which have no labels).
+* :class:`PhotoFeatures`: a network trained to tell which photo, and which cell of a grid over it, a crop of
+  scikit-learn's sample photos comes from (for the photo crops, which have no other labels).
 
 FIDs with these features are comparable between models evaluated with the same weights file, never with
 Inception FIDs.
@@ -19,6 +20,48 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mulan.lightning.data import EmbeddedDataModule, digits_images, split_indices
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def resolve_inception_weights(path: str | None) -> str:
+    """The path of torch-fidelity's InceptionV3 weights, checked to exist and to load with ``weights_only=True``.
+
+    Without ``path``, torch's hub cache (where torch-fidelity would download them) is used. Offline and
+    without the file this raises at once, with where to put it, instead of failing after hours of training.
+    torch-fidelity itself loads the file with ``weights_only=False``; loading it here first with
+    ``weights_only=True`` refuses a file that holds anything but tensors before that happens.
+    """
+    candidate = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not candidate.is_file():
+        raise FileNotFoundError(
+            f"FID/KID need torch-fidelity's InceptionV3 weights, not found at {candidate}. This machine cannot "
+            f"download them at run time: fetch {INCEPTION_URL} elsewhere, then either pass "
+            f"feature_extractor_weights_path=/path/to/{INCEPTION_FILE} to the EvaluationCallback, or copy the "
+            f"file to {Path(torch.hub.get_dir()) / 'checkpoints'}/. Or set fid: false."
+        )
+    try:
+        torch.load(candidate, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise ValueError(f"{candidate} is not a plain InceptionV3 state dict ({type(exc).__name__}: {exc}).") from exc
+    return str(candidate)
+
+
+def inception_features(weights_path: str | None = None) -> nn.Module:
+    """torch-fidelity's InceptionV3 as torchmetrics runs it for FID/KID: uint8 (N, 3, H, W) -> (N, 2048) pool
+    features, from the weights :func:`resolve_inception_weights` finds (and checks) for ``weights_path``."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    weights = resolve_inception_weights(weights_path)
+    feature = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+    feature.num_features = 2048
+    return feature
+
+
+def rgb(images: Tensor) -> Tensor:
+    """uint8 (N, 1 or 3, H, W) -> (N, 3, H, W) for Inception-style feature networks."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def _load_or_train(net: nn.Module, weights_path: str, train_if_missing: bool, train: Callable[[], float]) -> float:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LinearLR
 
 
 class AdamW(torch.optim.AdamW):
@@ -63,12 +63,20 @@ def parameter_groups(parameters: Iterable[torch.nn.Parameter], **options: Any) -
     return [g for g in groups if g["params"]]
 
 
-class LinearWarmup(LambdaLR):
-    """Linear warm-up from ``lr / warmup_steps`` to ``lr`` over ``warmup_steps`` optimiser steps, then constant."""
+class LinearWarmup(LinearLR):
+    """Linear warm-up from ``lr / warmup_steps`` to ``lr`` over ``warmup_steps`` optimiser steps, then constant:
+    the factor at step ``k`` is ``min(1, (k + 1) / warmup_steps)``.
+
+    This is ``torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / w, end_factor=1, total_iters=w - 1)``
+    (``w = max(warmup_steps, 1)``), whose factor ``1/w + (1 - 1/w) k / (w - 1) = (k + 1) / w`` up to ``k = w - 1``;
+    the subclass stays only so that configurations (and checkpoints) can name it with its one option
+    ``warmup_steps``. Checkpoints of the earlier ``LambdaLR`` form load into it: both keep ``last_epoch`` and
+    ``base_lrs``, and the optimiser's state holds the current learning rate, from which ``LinearLR`` steps on.
+    (``LinearLR`` multiplies the rate step by step, so it equals ``lr * min(1, (k + 1) / w)`` to a few units in the
+    last place of a double, about 1e-15 relative after 100 steps, where the former closed form was exact.)
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 100) -> None:
         self.warmup_steps = warmup_steps
-        super().__init__(optimizer, self.factor)
-
-    def factor(self, step: int) -> float:
-        return min(1.0, (step + 1) / max(self.warmup_steps, 1))
+        steps = max(warmup_steps, 1)
+        super().__init__(optimizer, start_factor=1.0 / steps, end_factor=1.0, total_iters=steps - 1)

@@ -11,16 +11,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from mulan.checkpoints import load_checkpoint
 from mulan.latents import LatentFactory, NoLatent
-from mulan.lightning.checkpoint_io import load_checkpoint
 from mulan.lightning.metrics import MeanStdErr, evaluation_seed
 from mulan.lightning.optim import AdamW, LinearWarmup, parameter_groups
 from mulan.model import Bound, build_model
 from mulan.networks import DenoiserFactory, UNet
 from mulan.parameterisation import Epsilon, ParameterisationFactory
 from mulan.processes.base import ImageShape, ProcessFactory
+from mulan.processes.schedules import FixedLinear
 from mulan.sampling import SAMPLERS
-from mulan.schedules import FixedLinear
 from mulan.time_sampling import AntitheticUniform, TimeSamplerFactory
 
 STAGES = ("train", "val", "test")

@@ -1,7 +1,7 @@
-"""Forward processes ``q(x_t | x)``: the interface (:class:`ForwardProcess`) and its diagonal Gaussian family.
-
-The noise schedules of VDM and MuLAN (:mod:`mulan.schedules`) are diagonal processes; other learned forward
-processes subclass :class:`ForwardProcess` or :class:`DiagonalProcess` directly.
+"""Forward processes ``q(x_t | x)``: the interface (:class:`ForwardProcess`, :mod:`~mulan.processes.base`), its
+diagonal Gaussian family (:class:`DiagonalProcess`), the noise schedules of VDM and MuLAN
+(:mod:`mulan.processes.schedules`, diagonal processes), and the learned processes (CVDM, DiffEnc, the auxiliary
+family). Other forward processes subclass :class:`ForwardProcess` or :class:`DiagonalProcess` directly.
 """
 
 from mulan.processes.auxiliary import (
@@ -12,12 +12,24 @@ from mulan.processes.auxiliary import (
     FixedAuxiliary,
     LearnedAuxiliary,
 )
-from mulan.processes.base import Context, ForwardProcess, ImageShape, Marginal, Predictor, ProcessFactory
+from mulan.processes.base import (
+    GAMMA_MAX,
+    GAMMA_MIN,
+    Context,
+    ForwardProcess,
+    ImageShape,
+    Marginal,
+    Predictor,
+    ProcessFactory,
+)
 from mulan.processes.cvdm import CVDM
 from mulan.processes.diagonal import DiagonalProcess
 from mulan.processes.diffenc import DiffEnc
+from mulan.processes.schedules import FixedLinear, LearnedScalar, MonotoneNN, NoiseSchedule, Polynomial
 
 __all__ = [
+    "GAMMA_MAX",
+    "GAMMA_MIN",
     "ALDA",
     "AuxiliaryProcess",
     "Context",
@@ -26,11 +38,16 @@ __all__ = [
     "DiagonalProcess",
     "DiffEnc",
     "FixedAuxiliary",
+    "FixedLinear",
     "ForwardProcess",
     "ImageShape",
     "LearnedAuxiliary",
+    "LearnedScalar",
     "MALDA",
     "Marginal",
+    "MonotoneNN",
+    "NoiseSchedule",
+    "Polynomial",
     "Predictor",
     "ProcessFactory",
 ]

@@ -29,6 +29,10 @@ from torch import Tensor, nn
 from mulan.utils import module_device
 
 ImageShape = tuple[int, int, int]
+GAMMA_MIN = -13.3
+"""VDM's ``gamma(0)`` (negative log-SNR at ``t = 0``): the default of every process and the denoiser's scale."""
+GAMMA_MAX = 5.0
+"""VDM's ``gamma(1)``."""
 
 
 @dataclass

@@ -40,7 +40,7 @@ SMALL_RATE = 1e-3
 class MonotoneTime(nn.Module):
     """VDM appendix H's ``g(t) = l1(t) + l3(phi(l2(t)))`` (non-negative weights, ``phi(h) = 2 sigmoid(h) - 1``),
     normalised: ``tau = (g(t) - g(0)) / (g(1) - g(0))`` with its first two derivatives. Parameter names are
-    :class:`~mulan.schedules.MonotoneNN`'s."""
+    :class:`~mulan.processes.schedules.MonotoneNN`'s."""
 
     def __init__(self, features: int = 1024) -> None:
         super().__init__()

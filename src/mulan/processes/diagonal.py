@@ -21,8 +21,6 @@ from mulan import elbo
 from mulan.processes.base import Context, ForwardProcess, ImageShape, Marginal, Predictor, as_context
 from mulan.utils import float32_region
 
-DECODE_MODES = ("argmax", "sample", None)
-
 ENDPOINT_PROBE_SIZE = 4
 """Contexts in the probe on which a declaration ``fixed_endpoints = True`` is checked at construction."""
 ENDPOINT_TOLERANCE = 1e-5
@@ -271,20 +269,13 @@ class DiagonalProcess(ForwardProcess):
         self, x_0: Tensor, ctx: Context, mode: str | None = "argmax", generator: torch.Generator | None = None
     ) -> Tensor:
         """The 256-way decoder ``p(x | x_0)``: ``z~ = x_0 / alpha_0``, logits ``-(z~ - e(v))^2 / (2 e^gamma_0)``."""
-        if mode not in DECODE_MODES:
-            raise ValueError(f"decode must be 'argmax', 'sample' or None, got {mode!r}.")
+        elbo.check_decode_mode(mode)
         if mode is None:
             return x_0
         with float32_region(x_0):
             gamma_0 = self.endpoints(ctx, x_0.shape[0])[0].float()
             alpha_0 = elbo.alpha_sigma(gamma_0)[0]
-            logits = elbo.decoder_logits(x_0.float() / alpha_0, gamma_0)  # (N, C, H, W, 256)
-            if mode == "argmax":
-                values = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits, -1).reshape(-1, elbo.NUM_BINS)
-                values = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
-        return values.to(torch.uint8)
+            return elbo.decode_bins(x_0.float() / alpha_0, gamma_0, mode, generator)
 
     def dequantisation_scale(self, ctx: Context, batch_size: int) -> Tensor:
         """``sigma_0 / alpha_0 = exp(gamma(0) / 2)``, float32, broadcastable to the data."""

@@ -36,6 +36,7 @@ from torch.autograd import forward_ad
 from mulan import elbo
 from mulan.processes.base import Context, ImageShape, Marginal, Predictor
 from mulan.processes.diagonal import DiagonalProcess
+from mulan.processes.schedules import FixedLinear
 from mulan.utils import float32_region
 
 BASES = ("shrink", "identity")
@@ -88,7 +89,7 @@ class DiffEnc(DiagonalProcess):
     Args:
         image_shape, latent_dim: as every process (``latent_dim`` is passed on to the schedule).
         schedule: the noise schedule ``gamma(t)`` (a class plus options in a config; default
-            :class:`~mulan.schedules.FixedLinear`).
+            :class:`~mulan.processes.schedules.FixedLinear`).
         trainable: ``True``: the encoded mean has the network ``r_phi`` (:class:`MeanEncoder`); ``False``: the
             non-trainable encoder ``x_phi = b(x, gamma)``.
         base: ``"shrink"`` (the paper: ``b = alpha^2 x``) or ``"identity"`` (``b = x``; VDM when ``r_phi = 0``).
@@ -110,11 +111,7 @@ class DiffEnc(DiagonalProcess):
         channels: int = 32,
         num_blocks: int = 2,
     ) -> None:
-        if schedule is None:
-            from mulan.schedules import FixedLinear
-
-            schedule = FixedLinear
-        inner = schedule(image_shape, latent_dim)
+        inner = (FixedLinear if schedule is None else schedule)(image_shape, latent_dim)
         super().__init__(image_shape, inner.gamma_min, inner.gamma_max)
         if base not in BASES:
             raise ValueError(f"DiffEnc: base must be 'shrink' or 'identity', got {base!r}.")

@@ -16,10 +16,10 @@ no EMA) and records
 
 Arms are ``+``-joined modifiers (see ``MODIFIERS``); anything that does not start with ``vdm`` is MuLAN:
 
-    python benchmarks/mulan_dynamics.py --quick                       # smoke test, < 1 min
-    python benchmarks/mulan_dynamics.py --arms vdm mulan_ref mulan_frozen mulan_slow --steps 500
-    python benchmarks/mulan_dynamics.py --arms linear_init+width_lr --steps 1000 --eval-at 250 500 1000
-    python benchmarks/mulan_dynamics.py --plot                        # figures from the JSON only
+    python benchmarks/archive/mulan_dynamics.py --quick                       # smoke test, < 1 min
+    python benchmarks/archive/mulan_dynamics.py --arms vdm mulan_ref mulan_frozen mulan_slow --steps 500
+    python benchmarks/archive/mulan_dynamics.py --arms linear_init+width_lr --steps 1000 --eval-at 250 500 1000
+    python benchmarks/archive/mulan_dynamics.py --plot                        # figures from the JSON only
 
 Results are merged (one entry per arm, image size and seed) into ``benchmarks/results/mulan_dynamics.json``;
 figures go to ``docs/figures/dynamics_*.png``.
@@ -41,7 +41,7 @@ import mulan
 from mulan.lightning.data import EmbeddedDataModule
 from mulan.lightning.optim import AdamW
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/archive/ -> the repository
 RESULTS = ROOT / "benchmarks" / "results" / "mulan_dynamics.json"
 FIGURES = ROOT / "docs" / "figures"
 

@@ -1,48 +1,23 @@
-"""Multivariate diffusions with auxiliary variables (Singhal, Goldstein & Ranganath, ICLR 2023; docs: math, section 11).
+"""The general machinery of the auxiliary-variable diffusions (the math: :mod:`mulan.processes.auxiliary`).
 
-Per data dimension the state is ``y = (x, v_1, ..., v_K)``, ``K + 1`` numbers, and every dimension follows the same
-linear SDE with ``(K + 1) x (K + 1)`` matrices ``Q`` (skew-symmetric) and ``D`` (symmetric positive semi-definite):
-
-    dy = -beta(t) (Q + D) y dt + sqrt(2 beta(t)) D^(1/2) dW.
-
-For any such ``Q`` and ``D`` the standard normal ``N(0, I)`` is stationary (``F + F^T + G G^T = 0`` with
-``F = -beta (Q + D)``, ``G G^T = 2 beta D``): this is the paper's parameterisation (the "complete recipe" for
-stationary diffusions), so every learned setting keeps the prior ``p(y_1) = N(0, I)``. With
-``A = -(Q + D)`` and ``B(t) = int_0^t beta`` the transition matrix is ``Phi_t = exp(B(t) A)``, and because
-``N(0, I)`` is stationary the covariance the process adds to a fixed start is ``I - Phi_t Phi_t^T``.
-
-The process starts from ``q(y_0 | x) = N((alpha_0 x, 0, ..., 0), diag(sigma_0^2, s^2, ..., s^2))``: the data
-coordinate noised at ``gamma(0) = gamma_min`` as in VDM (so the reconstruction term is VDM's 256-way decoder) and
-the auxiliaries drawn from their initial distribution (variance ``s^2 = aux_init_var``). Hence, per dimension,
-
-    q(y_t | x) = N(a_t x, Sigma_t),   a_t = alpha_0 Phi_t e_0,   Sigma_t = I - Phi_t (I - Sigma_0) Phi_t^T,
-
-and the bound's diffusion term is ``1/2 (eps - eps_hat)^T W_t (eps - eps_hat)`` summed over data dimensions, with
-``y_t = a_t x + L_t eps``, ``L_t L_t^T = Sigma_t`` and ``W_t = 2 beta L_t^-1 D L_t^-T`` (the Girsanov form of the
-bound with the score ``-L_t^-T eps_hat``; docs: math, section 11b, for why this form and not the paper's
-conditional one). All the ``(K + 1) x (K + 1)`` algebra runs in float64 (matrix exponential, Cholesky, solves);
-the state-sized arithmetic in float32 (or the ODE's dtype).
-
-The state has ``(K + 1) C`` channels: channels ``[k C, (k + 1) C)`` hold coordinate ``k`` (``0``: the data).
+:class:`AuxiliaryProcess` turns the matrices ``Q`` and ``D`` of a subclass into the transition kernel
+(:class:`Kernel`), the terms of the bound, the ancestral step and the probability-flow ODE.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mulan import elbo
-from mulan.processes.base import Context, ForwardProcess, ImageShape, Marginal, Predictor
+from mulan.processes.base import GAMMA_MAX, GAMMA_MIN, Context, ForwardProcess, ImageShape, Marginal, Predictor
 from mulan.utils import float32_region
 
-GAMMA_MIN, GAMMA_MAX = -13.3, 5.0  # VDM's endpoints (mulan.schedules imports this package, so not imported here)
 TIME_CHANGES = ("log_snr", "linear_beta")
-DECODE_MODES = ("argmax", "sample", None)
 
 
 @dataclass
@@ -67,24 +42,6 @@ class Kernel:
     def expand(self, n: int) -> Kernel:
         """The same kernel for ``n`` equal times (from a kernel computed at one time)."""
         return Kernel(*(v.expand(n, *v.shape[1:]) for v in vars(self).values()))
-
-
-def _check_matrices(q: Tensor, d: Tensor) -> None:
-    """Raise a clear error unless ``q`` is skew-symmetric and ``d`` symmetric positive semi-definite, same size."""
-    if q.dim() != 2 or q.shape[0] != q.shape[1] or d.shape != q.shape:
-        raise ValueError(
-            f"q and d must be square matrices of the same size K + 1 (data coordinate plus K auxiliaries); got "
-            f"shapes {tuple(q.shape)} and {tuple(d.shape)}."
-        )
-    if not torch.allclose(q, -q.T, atol=1e-12):
-        raise ValueError(
-            f"q must be skew-symmetric (q = -q^T) for N(0, I) to stay stationary; got {q.tolist()}. Put the "
-            "dissipative (symmetric) part in d."
-        )
-    if not torch.allclose(d, d.T, atol=1e-12) or float(torch.linalg.eigvalsh(d).min()) < -1e-12:
-        raise ValueError(
-            f"d must be symmetric positive semi-definite (it is the diffusion, G G^T = 2 beta d); got {d.tolist()}."
-        )
 
 
 def _apply(matrix: Tensor, state: Tensor, num_vars: int) -> Tensor:
@@ -383,20 +340,13 @@ class AuxiliaryProcess(ForwardProcess):
     ) -> Tensor:
         """The 256-way decoder on the data coordinate: ``z~ = y_0,data / alpha_0``, noise level ``gamma_min``; for
         ``mode=None`` the data coordinate ``y_0,data`` (N, C, H, W) itself."""
-        if mode not in DECODE_MODES:
-            raise ValueError(f"decode must be 'argmax', 'sample' or None, got {mode!r}.")
+        elbo.check_decode_mode(mode)
         data = x_0[:, : self.image_shape[0]]
         if mode is None:
             return data
         with float32_region(x_0):
             gamma_0 = torch.full((1, 1, 1, 1), self.gamma_min, device=x_0.device)
-            logits = elbo.decoder_logits(data.float() / self.alpha_0, gamma_0)
-            if mode == "argmax":
-                values = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits, -1).reshape(-1, elbo.NUM_BINS)
-                values = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
-        return values.to(torch.uint8)
+            return elbo.decode_bins(data.float() / self.alpha_0, gamma_0, mode, generator)
 
     def initial_auxiliaries(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``(x, v_0)`` with ``v_0 ~ N(0, s^2 I)`` from ``generator`` (the auxiliaries' initial distribution,
@@ -418,133 +368,3 @@ class AuxiliaryProcess(ForwardProcess):
 
     def extra_repr(self) -> str:
         return f"num_aux={self.num_aux}, time_change={self.time_change_kind!r}"
-
-
-class FixedAuxiliary(AuxiliaryProcess):
-    """A fixed process given by its matrices: ``q`` skew-symmetric and ``d`` symmetric PSD, (K+1) x (K+1) lists.
-
-    ``q = [[0.0]]``, ``d = [[0.5]]`` (``K = 0``) is the variance-preserving SDE: with ``time_change="log_snr"``
-    exactly VDM's fixed linear schedule. Other options as :class:`AuxiliaryProcess`.
-    """
-
-    q: Tensor
-    d: Tensor
-
-    def __init__(
-        self,
-        image_shape: ImageShape,
-        latent_dim: int = 0,
-        q: Sequence[Sequence[float]] = ((0.0,),),
-        d: Sequence[Sequence[float]] = ((0.5,),),
-        gamma_min: float = GAMMA_MIN,
-        gamma_max: float = GAMMA_MAX,
-        aux_init_var: float = 0.01,
-        time_change: str = "log_snr",
-        beta_min: float = 0.1,
-        beta_max: float = 10.0,
-    ) -> None:
-        q_matrix, d_matrix = torch.tensor(q, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
-        _check_matrices(q_matrix, d_matrix)
-        super().__init__(
-            image_shape, q_matrix.shape[0] - 1, gamma_min, gamma_max, aux_init_var, time_change, beta_min, beta_max
-        )
-        self.latent_dim = latent_dim
-        self.register_buffer("q", q_matrix, persistent=False)
-        self.register_buffer("d", d_matrix, persistent=False)
-
-    def matrices(self) -> tuple[Tensor, Tensor]:
-        return self.q.double(), self.d.double()
-
-
-class CriticallyDampedLangevin(FixedAuxiliary):
-    """CLD (Dockhorn et al. 2022) with unit mass: ``K = 1`` (a velocity ``v``), ``dx = beta v dt``,
-    ``dv = -beta (x + damping v) dt + sqrt(2 damping beta) dW``: ``Q = [[0, -1], [1, 0]]``, ``D = diag(0, damping)``.
-    ``damping = 2`` is critical damping (the double eigenvalue -1 of ``A``)."""
-
-    def __init__(self, image_shape: ImageShape, latent_dim: int = 0, damping: float = 2.0, **options) -> None:
-        super().__init__(
-            image_shape, latent_dim, q=[[0.0, -1.0], [1.0, 0.0]], d=[[0.0, 0.0], [0.0, damping]], **options
-        )
-
-
-class ALDA(FixedAuxiliary):
-    """The paper's "accelerated Langevin" diffusion (ALDA), ``K = 2`` (velocity and acceleration), unit
-    constants: ``Q = [[0, -1, 0], [1, 0, -1], [0, 1, 0]]``, ``D = diag(0, 0, 1)``: noise enters only the last
-    auxiliary and reaches the data through two couplings."""
-
-    def __init__(self, image_shape: ImageShape, latent_dim: int = 0, **options) -> None:
-        q = [[0.0, -1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]
-        super().__init__(image_shape, latent_dim, q=q, d=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], **options)
-
-
-class MALDA(FixedAuxiliary):
-    """The paper's "multivariate accelerated Langevin" diffusion (MALDA), ``K = 2``: every pair of coordinates is
-    coupled (``Q_ij = 1`` below and ``-1`` above the diagonal) and both auxiliaries are damped,
-    ``D = diag(0, damping, damping)`` (paper: ``damping = 2``)."""
-
-    def __init__(self, image_shape: ImageShape, latent_dim: int = 0, damping: float = 2.0, **options) -> None:
-        q = [[0.0, -1.0, -1.0], [1.0, 0.0, -1.0], [1.0, 1.0, 0.0]]
-        d = [[0.0, 0.0, 0.0], [0.0, damping, 0.0], [0.0, 0.0, damping]]
-        super().__init__(image_shape, latent_dim, q=q, d=d, **options)
-
-
-class LearnedAuxiliary(AuxiliaryProcess):
-    """The learned linear process: ``Q = S - S^T`` (``S`` strictly lower triangular) and ``D = L L^T`` (``L`` lower
-    triangular; ``full_diffusion=False``: ``D = diag(l^2)``), so every setting keeps ``N(0, I)`` stationary.
-
-    Initialisation: ``D = init_diffusion I`` plus ``init_scale`` times standard-normal entries below the diagonal of
-    ``L``, and ``S`` likewise. ``init_diffusion = 0.5``, small ``init_scale``: every coordinate starts close to an
-    independent variance-preserving SDE (the data coordinate close to VDM's fixed linear schedule) and learns its
-    couplings; at ``Q = 0`` exactly the couplings' gradients vanish by symmetry (``v -> -v``), hence the random
-    start. Other options as :class:`AuxiliaryProcess`.
-    """
-
-    _lower: Tensor
-    _lower_diag: Tensor
-
-    def __init__(
-        self,
-        image_shape: ImageShape,
-        latent_dim: int = 0,
-        num_aux: int = 1,
-        full_diffusion: bool = True,
-        init_diffusion: float = 0.5,
-        init_scale: float = 0.1,
-        gamma_min: float = GAMMA_MIN,
-        gamma_max: float = GAMMA_MAX,
-        aux_init_var: float = 0.01,
-        time_change: str = "log_snr",
-        beta_min: float = 0.1,
-        beta_max: float = 10.0,
-    ) -> None:
-        super().__init__(image_shape, num_aux, gamma_min, gamma_max, aux_init_var, time_change, beta_min, beta_max)
-        if not init_diffusion > 0:
-            raise ValueError(
-                f"init_diffusion must be positive (D = init_diffusion I at the start), got {init_diffusion}."
-            )
-        k = self.num_vars
-        self.latent_dim, self.full_diffusion = latent_dim, full_diffusion
-        self.register_buffer("_lower", torch.tril_indices(k, k, -1), persistent=False)
-        self.register_buffer("_lower_diag", torch.tril_indices(k, k, 0), persistent=False)
-        self.skew = nn.Parameter(init_scale * torch.randn(k * (k - 1) // 2))
-        if full_diffusion:
-            rows, cols = self._lower_diag
-            init = torch.where(rows == cols, math.sqrt(init_diffusion), init_scale * torch.randn(rows.numel()))
-            self.diffusion = nn.Parameter(init)
-        else:
-            self.diffusion = nn.Parameter(torch.full((k,), math.sqrt(init_diffusion)))
-
-    def matrices(self) -> tuple[Tensor, Tensor]:
-        k, device = self.num_vars, self.skew.device
-        s = torch.zeros(k, k, dtype=torch.float64, device=device).index_put(
-            (self._lower[0], self._lower[1]), self.skew.double()
-        )
-        if self.full_diffusion:
-            rows, cols = self._lower_diag
-            factor = torch.zeros(k, k, dtype=torch.float64, device=device).index_put(
-                (rows, cols), self.diffusion.double()
-            )
-            d = factor @ factor.T
-        else:
-            d = torch.diag(self.diffusion.double().square())
-        return s - s.T, d
