@@ -48,7 +48,7 @@ def build(kind: str, arch: str, channels_last: bool, device, hidden: int | None 
     from mulan.latents import KHotLatent
     from mulan.model import DiffusionModel
     from mulan.networks import UNet
-    from mulan.processes.schedules import LearnedScalar, Polynomial
+    from mulan.schedules import LearnedScalar, Polynomial  # the import path every revision has (--compare)
 
     a = ARCHS[arch]
     if kind == "vdm":
@@ -326,9 +326,9 @@ def compare_table(results: list[dict], revision: str) -> str:
 
             def best(rev: str, kind=kind, precision=precision) -> float:
                 hits = [
-                    r.get("img_s_best", 0.0)
+                    r["img_s_best"]
                     for r in results
-                    if (r["kind"], r["precision"], r["revision"]) == (kind, precision, rev)
+                    if (r["kind"], r["precision"], r["revision"]) == (kind, precision, rev) and "img_s_best" in r
                 ]
                 return max(hits, default=float("nan"))
 
