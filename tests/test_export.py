@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from mulan import export
 from mulan.cli import build_cli, main
 from mulan.lightning.task import DiffusionTask
+from mulan.likelihood import dense_elbo
 from mulan.model import DiffusionModel
 
 CONF = Path(__file__).parent / "conf"
@@ -225,3 +226,188 @@ def test_fit_from_an_export_starts_from_its_weights(trained: dict, tmp_path: Pat
     tensors = export.read_export(trained["file"]).tensors
     for name, value in cli.model.model.state_dict().items():
         assert torch.equal(value, tensors[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ pretrained directory
+@pytest.fixture(scope="module")
+def pretrained(trained: dict) -> Path:
+    """The directory ``python -m mulan.export CKPT DIR`` writes from the fixture's checkpoint."""
+    return export.main([str(trained["ckpt"]), str(trained["root"] / "tiny-mulan")])
+
+
+def _same_tensors(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
+
+
+def test_from_pretrained_of_save_pretrained_gives_the_same_tensors_and_bound_bitwise(
+    trained: dict, pretrained: Path, tmp_path: Path
+) -> None:
+    """The directory holds the export's tensors; the model rebuilt from it gives the export's bound bitwise (one
+    sample with given draws, and the library's dense bound with the same seed); saving that model again gives the
+    same directory (the same SHA-256 of tensors and configuration)."""
+    assert sorted(p.name for p in pretrained.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    model, reference = export.from_pretrained(pretrained), export.load_model(trained["file"])
+    assert isinstance(model, DiffusionModel) and not model.training
+    _same_tensors(model.state_dict(), reference.state_dict())
+    _same_tensors(model.state_dict(), export.read_export(trained["file"]).tensors)
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        bounds = []
+        for m in (model, reference):
+            torch.manual_seed(3)
+            bounds.append((m(images).as_dict(), dense_elbo(m, images, num_times=8).as_dict()))
+    for ours, theirs in zip(*bounds, strict=True):
+        _same_tensors(ours, theirs)
+    config = json.loads((pretrained / "config.json").read_text())
+    assert model.config == {k: v for k, v in config.items() if k not in export.INTERNAL_KEYS}
+    assert (model.config["global_step"], model.config["seed"], model.config["weights"]) == (4, 0, "ema")
+    assert model.config["model_config"] == json.loads(json.dumps(trained["saved"]["hyper_parameters"]))
+    again = export.save_pretrained(model, tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["sha256"] == config["sha256"]
+    assert (again / "README.md").read_text() == (pretrained / "README.md").read_text().replace(
+        str(pretrained), str(again)
+    ).replace("# tiny-mulan", "# again")
+
+
+def test_config_json_is_plain_json_readable_without_mulan(pretrained: Path) -> None:
+    code = (
+        "import json, sys; c = json.load(open(sys.argv[1])); "
+        "print(c['format'], c['image_shape'], c['model_config']['denoiser']['class_path'], "
+        "c['data_config']['source'], c['seed'], 'mulan' in sys.modules, 'torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", code, str(pretrained / "config.json")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "mulan-pretrained [1, 8, 8] mulan.UNet digits 0 False False"
+
+
+def test_the_card_names_data_steps_seed_bound_and_command(trained: dict, pretrained: Path, tmp_path: Path) -> None:
+    import yaml
+
+    card = (pretrained / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "mulan" and "diffusion" in meta["tags"] and "datasets" not in meta
+    assert "`mulan.lightning.data.EmbeddedDataModule` (source='digits'" in body
+    assert "- steps: 4 (checkpoint `" in body and "- seed: 0 (" in body
+    assert "Not evaluated." in body and f"mulan-cli test --ckpt_path {pretrained}\n" in body
+    # with metrics (what mulan-cli test logs): the bound with its standard error, recorded in config.json too
+    csv = tmp_path / "metrics.csv"
+    csv.write_text(
+        "epoch,step,test/bpd,test/bpd_stderr,val/bpd,test/fid\n0,2,,,9.5,\n0,4,,,9.0,\n0,4,1.23456,0.125,,80.5\n"
+    )
+    assert export.read_metrics(csv) == {"val/bpd": 9.0, "test/bpd": 1.23456, "test/bpd_stderr": 0.125, "test/fid": 80.5}
+    out = export.main([str(trained["ckpt"]), str(tmp_path / "evaluated"), "--metrics", str(csv)])
+    card = (out / "README.md").read_text()
+    assert "| `test/bpd` | 1.2346 | ± 0.1250 |" in card and "| `val/bpd` | 9.0000 | – |" in card
+    bits, other = card.split("| metric | bits/dim | std. err. |")[1].split("| other metric | value | std. err. |")
+    assert "test/fid" not in bits and "| `test/fid` | 80.5000 | – |" in other  # FID is not in bits/dim
+    assert "Not evaluated" not in card
+    assert export.from_pretrained(out).config["metrics"]["test/bpd_stderr"] == 0.125
+    with pytest.raises(ValueError, match=r"'test/bpd' = 'nan' is not a finite number"):
+        export.save_pretrained(trained["ckpt"], tmp_path / "bad", metrics={"test/bpd": "nan"})
+
+
+def test_cli_test_and_predict_from_the_directory_give_the_checkpoints_figures(
+    trained: dict, pretrained: Path, tmp_path: Path
+) -> None:
+    """``--ckpt_path DIR``: model and data rebuilt from config.json, the weights loaded, the run's seed used (the
+    command line's seed differs from the run's, so the printed figures match only with the seed from the file)."""
+    seed = ["--seed_everything", "1"]
+    from_ckpt, from_dir = _test(trained["ckpt"], trained["root"], *seed), _test(pretrained, trained["root"], *seed)
+    assert from_dir.trainer.ckpt_path is None
+    assert from_dir.datamodule.image_shape == (1, 8, 8)
+    assert from_dir.model.test_results == from_ckpt.model.test_results
+    ckpt_metrics = {k: v.item() for k, v in from_ckpt.trainer.callback_metrics.items()}
+    assert {k: v.item() for k, v in from_dir.trainer.callback_metrics.items()} == ckpt_metrics
+    main(
+        ["predict", "--ckpt_path", str(pretrained), *QUIET, "--trainer.limit_predict_batches", "1",
+         "--model.init_args.sample_steps", "2", "--data.init_args.eval_batch_size", "4",
+         "--predict_output_dir", str(tmp_path / "samples")]
+    )  # fmt: skip
+    assert list((tmp_path / "samples").iterdir())
+
+
+def _copy(pretrained: Path, to: Path) -> Path:
+    to.mkdir()
+    for file in pretrained.iterdir():
+        (to / file.name).write_bytes(file.read_bytes())
+    return to
+
+
+def test_a_directory_edited_after_saving_is_refused(pretrained: Path, tmp_path: Path, capsys) -> None:
+    reformatted = _copy(pretrained, tmp_path / "reformatted")
+    config = json.loads((pretrained / "config.json").read_text())
+    (reformatted / "config.json").write_text(json.dumps(config))  # same content, other layout: accepted
+    export.from_pretrained(reformatted)
+    edited = _copy(pretrained, tmp_path / "edited")
+    config["model_config"]["process"]["init_args"]["hidden"] = 16
+    (edited / "config.json").write_text(json.dumps(config, indent=2))
+    with pytest.raises(ValueError, match=r"edited was modified after saving: its config\.json changed"):
+        export.from_pretrained(edited)
+    flipped = _copy(pretrained, tmp_path / "flipped")
+    data = bytearray((pretrained / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor
+    (flipped / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flipped was modified after saving: its model\.safetensors changed"):
+        export.from_pretrained(flipped)
+    with pytest.raises(SystemExit):
+        main(["test", "--ckpt_path", str(flipped), *QUIET])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.safetensors changed" in err
+
+
+@pytest.mark.parametrize("where", ["model_config", "data_config"])
+def test_a_planted_class_path_is_refused_before_it_is_imported(
+    pretrained: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A consistent directory (SHA-256 recomputed: it is not a signature) whose configuration names the standard
+    module ``this`` (importing it prints the Zen of Python): refused in one line, ``this`` never imported."""
+    monkeypatch.delenv(export.TRUSTED_ENV, raising=False)
+    content = export.read_pretrained(pretrained)
+    config = {k: v for k, v in content.config.items() if k not in export.INTERNAL_KEYS}
+    if where == "model_config":
+        config[where]["denoiser"]["class_path"] = "this.Zen"
+    else:
+        config[where]["_class_path"] = "this.Zen"
+    planted = export.write_pretrained(content.tensors, config, tmp_path / "planted")
+    sys.modules.pop("this", None)
+    with pytest.raises(ValueError, match=r"planted: refusing to import 'this\.Zen'") as error:
+        export.from_pretrained(planted)
+    assert "\n" not in str(error.value) and "this" not in sys.modules
+    with pytest.raises(SystemExit):
+        main(["test", "--ckpt_path", str(planted), *QUIET])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refusing to import 'this.Zen'" in err and "this" not in sys.modules
+
+
+def test_dtype_round_trip_stores_only_the_denoiser_lower(trained: dict, pretrained: Path, tmp_path: Path) -> None:
+    """``dtype=torch.bfloat16``: the denoiser's weights stored in bfloat16 (the file shrinks), everything else in
+    float32 (schedule, latent: docs/math.md section 8); loading widens them to float32 exactly. A low-precision
+    load is refused with the way to run bfloat16 (autocast)."""
+    low = export.save_pretrained(trained["ckpt"], tmp_path / "bf16", dtype=torch.bfloat16)
+    stored = export.read_pretrained(low).tensors
+    full = export.read_pretrained(pretrained).tensors
+    assert {t.dtype for n, t in stored.items() if n.startswith("denoiser.")} == {torch.bfloat16}
+    assert {t.dtype for n, t in stored.items() if not n.startswith("denoiser.")} == {torch.float32}
+    assert (low / "model.safetensors").stat().st_size < 0.75 * (pretrained / "model.safetensors").stat().st_size
+    model = export.from_pretrained(low)
+    assert model.config["dtype"] == "bfloat16"
+    expected = {n: t.to(torch.bfloat16).float() if n.startswith("denoiser.") else t for n, t in full.items()}
+    _same_tensors(model.state_dict(), expected)
+    with pytest.raises(ValueError, match=r"keeps the model's parameters in float32.*torch\.autocast"):
+        export.from_pretrained(low, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"dtype torch\.float64 is not supported"):
+        export.save_pretrained(trained["ckpt"], tmp_path / "f64", dtype=torch.float64)
+
+
+def test_a_model_without_a_saved_configuration_is_refused(trained: dict, tmp_path: Path) -> None:
+    plain = export.load_model(trained["file"])
+    assert plain.config["model_config"] == export.read_export(trained["file"]).model_config  # known: saved again
+    del plain.config
+    with pytest.raises(ValueError, match=r"has no \.config .*save_pretrained\('run/checkpoints/last\.ckpt', DIR\)"):
+        export.save_pretrained(plain, tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()

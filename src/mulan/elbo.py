@@ -112,10 +112,17 @@ def reconstruction_loss(images: Tensor, gamma_0: Tensor, noise: Tensor | None = 
     The 256-way softmax is evaluated on the few bins around ``z~`` whose logits can reach a float32 sum
     (:func:`decoder_window`): the same value, to float32 rounding, as the full ``log_softmax`` over 256 bins
     (kept as the fallback for large ``gamma_0``), at a fraction of the cost and with the same gradient.
+
+    Under ``torch.compile`` the window's width, which depends on the value of ``gamma_0`` (a host read: a graph
+    break and a device sync), is not computed: the compiled graph takes the logsumexp over all 256 bins, which a
+    fusing compiler reduces without storing the (..., 256) logits; eager calls are unchanged.
     """
     x = to_unit_interval(images)
     noise = torch.randn_like(x) if noise is None else noise
     z_tilde = x + torch.exp(0.5 * gamma_0) * noise
+    if torch.compiler.is_compiling():  # the same value to float32 rounding, in one graph
+        logits = decoder_logits(z_tilde, gamma_0)
+        return sum_per_example(torch.logsumexp(logits, dim=-1) - (z_tilde - x).square() * (-0.5 * torch.exp(-gamma_0)))
     half_width = decoder_window(gamma_0)
     if half_width is None:
         log_probs = torch.log_softmax(decoder_logits(z_tilde, gamma_0), dim=-1)

@@ -8,7 +8,6 @@ bound; ``kl_surrogate`` is what the MuLAN reference code charges, kept to compar
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from mulan.networks import ImageEncoder
 from mulan.processes.base import ImageShape
+from mulan.utils import warn_once
 
 
 @dataclass
@@ -91,12 +91,12 @@ def warn_if_costly(m: int, k: int, num_dims: int) -> None:
     """Warn when the latent's cost is a noticeable part of the bound (:data:`LATENT_COST_WARNING_BPD`)."""
     cost = latent_cost_bpd(m, k, num_dims)
     if cost > LATENT_COST_WARNING_BPD:
-        warnings.warn(
+        warn_once(  # once per process, attributed to the user's line (not jsonargparse's)
             f"KHotLatent: a {k}-hot latent of m={m} costs log C({m}, {k}) = {log_binomial(m, k):.2f} nats per image, "
             f"{cost:.3f} bits/dim on these D={num_dims}-dimensional images, which every bound this model reports "
             f"includes. Choose a smaller latent for small images (cost below {LATENT_COST_WARNING_BPD} bits/dim), "
             "e.g. m=16, k=4 for 3x16x16.",
-            stacklevel=3,
+            UserWarning,
         )
 
 

@@ -93,7 +93,7 @@ def _defined_in_mulan(path: str, depth: int = 0) -> bool:
         return False
     name, package = parts[-1], parts[:-1] if source.name == "__init__.py" else parts[:-2]
     binding: tuple[str, str] | None = None  # the last top-level statement that binds `name`
-    for node in _parse(source).body:
+    for node in _top_level(_parse(source)):
         if isinstance(node, ast.ClassDef) and node.name == name:
             binding = ("class", "")
         elif isinstance(node, ast.ImportFrom):
@@ -118,6 +118,22 @@ def _defined_in_mulan(path: str, depth: int = 0) -> bool:
         obj = vars(loaded).get(name)
         return inspect.isclass(obj) and (obj.__module__ == "mulan" or obj.__module__.startswith("mulan."))
     return True
+
+
+def _top_level(tree: ast.Module) -> list[ast.stmt]:
+    """The module's top-level statements; in a module that defines ``__getattr__`` (PEP 562: names imported on
+    first use, as :mod:`mulan` does), the imports of its ``if TYPE_CHECKING:`` block count as top-level too, since
+    they name what ``__getattr__`` returns."""
+    body = list(tree.body)
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__" for node in body):
+        return body
+    statements: list[ast.stmt] = []
+    for node in body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            statements += [n for n in node.body if isinstance(n, ast.ImportFrom)]
+        else:
+            statements.append(node)
+    return statements
 
 
 def _bound_names(node: ast.stmt) -> set[str]:

@@ -5,26 +5,33 @@ is trained, the optimiser's options, the output folders and a resumed checkpoint
 test of the best checkpoint (``--test_after_fit true``) and a summary. ``fit --ckpt_path last|hpc`` is resolved
 with the trainer's checkpoint connector, one of the two places that lean on Lightning 2.6 internals (held by
 ``tests/test_cli_errors.py``). :func:`main` prints any error as one line (:mod:`mulan.cli.errors`).
+
+What a run shows: the training bar counts steps out of ``max_steps``
+(:class:`~mulan.lightning.progress.StepProgressBar`, unless the configuration names a bar), Lightning's tip banners
+are filtered out while the CLI runs, and ``predict --num_samples N`` draws exactly ``N`` samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
-from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, WeightAveraging
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from mulan.checkpoints import load_checkpoint
 from mulan.cli.errors import debug_requested, error_line
 from mulan.cli.parsing import LIGHTNING_CKPT_NAMES, CheckpointFirstCLI, as_dict, rank_zero_print
-from mulan.lightning.pictures import PICTURES_DIR
+from mulan.lightning.pictures import PICTURES_DIR, fixed_count_loader
+from mulan.lightning.progress import StepProgressBar
 from mulan.lightning.task import DiffusionTask
 from mulan.model import BOUND_TERMS
 
@@ -32,6 +39,45 @@ from mulan.model import BOUND_TERMS
 class MulanCLI(CheckpointFirstCLI):
     """LightningCLI with the data's image shape linked into the model, checkpoint-first evaluation and resuming, full
     option names only, one-line errors, and an optional test right after ``fit`` (``--test_after_fit true``)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--num_samples",
+            type=int | None,
+            default=None,
+            help="predict: draw exactly this many samples, in batches of the data's evaluation batch size (for "
+            "conditional data, sample i is given test input i mod the test split's size). Default: one sample per "
+            "test image.",
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured trainer, with :class:`~mulan.lightning.progress.StepProgressBar` (``step N/max_steps``)
+        unless the configuration names a progress bar or sets ``enable_progress_bar: false``."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        if "callbacks" not in kwargs and trainer.get("enable_progress_bar") is not False:
+            given = trainer.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            if not any(isinstance(callback, ProgressBar) for callback in given):
+                kwargs["callbacks"] = [*given, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_predict(self) -> None:
+        """``--num_samples N``: the data module's predict loader is replaced, for this run, by one of ``N`` items of
+        its data set taken cyclically (:func:`~mulan.lightning.pictures.fixed_count_loader`), so predict draws
+        exactly ``N`` samples."""
+        num_samples = self.config.predict.get("num_samples")
+        if num_samples is None:
+            return
+        if num_samples < 1:
+            self._exit(f"--num_samples must be at least 1, got {num_samples}: give how many samples predict draws.")
+        datamodule = self.datamodule
+        original = datamodule.predict_dataloader
+        datamodule.predict_dataloader = lambda: fixed_count_loader(original(), num_samples)
+
+    def after_predict(self) -> None:
+        vars(self.datamodule).pop("predict_dataloader", None)  # the data module's own loader again
 
     def before_fit(self) -> None:
         """Before anything is trained or written: the optimiser's options are checked (built once on the model),
@@ -198,16 +244,44 @@ def summary_line(metrics: Mapping[str, Any], term_names: Sequence[str] = BOUND_T
 def build_cli(args: list[str] | None = None, run: bool = True) -> MulanCLI:
     """The CLI object (its ``trainer``, ``model``, ``datamodule``); ``args`` as on the command line (without a
     subcommand when ``run=False``). Errors are raised (``mulan-cli`` prints them as one line)."""
-    return MulanCLI(
-        DiffusionTask,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    with _without_lightning_tips():
+        return MulanCLI(
+            DiffusionTask,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+"""The loggers of Lightning's ``rank_zero_info`` messages, which carry its advertising tips."""
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising tips (``💡 Tip: For seamless cloud ... try installing litlogger``); keeps every
+    other message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("💡 Tip")
+
+
+@contextlib.contextmanager
+def _without_lightning_tips() -> Iterator[None]:
+    """While the CLI runs, Lightning's tip banners are filtered out of its info loggers; the filter is removed after,
+    so a program that imports mulan keeps its logging as it was."""
+    tips = _NoTips()
+    loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(tips)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(tips)
 
 
 def main(args: list[str] | None = None) -> None:

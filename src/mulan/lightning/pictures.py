@@ -5,6 +5,7 @@ files after test) and :class:`SampleWriter` (what ``mulan-cli predict`` generate
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
 
 from mulan.figures import image_grid, log_snr_spread, schedule_maps, snr_variance, superresolution_grid
@@ -125,6 +127,59 @@ class PicturesCallback(L.Callback):
         rank_zero_info(f"Wrote test pictures to {folder}/")
 
 
+GRID_MIN_SIDE = 256
+"""``mulan-cli predict``'s ``samples.png`` is enlarged by a whole factor until its shorter side has at least this many
+pixels (:func:`grid_scale`)."""
+GRID_MAX_SIDE = 4096
+"""... unless that would make its longer side exceed this many pixels."""
+
+
+def grid_scale(height: int, width: int, min_side: int = GRID_MIN_SIDE, max_side: int = GRID_MAX_SIDE) -> int:
+    """The whole enlargement factor (>= 1) for a ``height`` x ``width`` picture: the smallest that brings its shorter
+    side to ``min_side`` pixels or more, lowered if needed so that the longer side stays within ``max_side``
+    (16 images of 1x8x8 make a 37 x 37 grid with its 1-pixel borders, enlarged 7 times to 259 x 259)."""
+    wanted = -(-min_side // max(1, min(height, width)))  # ceil
+    return max(1, min(wanted, max_side // max(1, height, width)))
+
+
+class _Repeated(Dataset):
+    """Item ``i`` of ``dataset``, for ``i`` in ``0..length - 1``, taken cyclically (``dataset[i % len(dataset)]``)."""
+
+    def __init__(self, dataset: Dataset, length: int) -> None:
+        self.dataset, self.length = dataset, length
+        self.size = len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % self.size]
+
+
+def fixed_count_loader(loader: DataLoader, num_samples: int) -> DataLoader:
+    """A predict loader that makes ``predict`` draw exactly ``num_samples`` samples, whatever the size of the data:
+    ``num_samples`` items of ``loader``'s data set taken in order and cyclically (``i % len``), in batches of
+    ``loader``'s batch size (the last one smaller), with its collation and workers. :meth:`DiffusionTask.predict_step
+    <mulan.lightning.task.DiffusionTask.predict_step>` draws one sample per item; for conditional data the sample of
+    item ``i`` is given the ``y`` of test item ``i % len``. Under DDP Lightning gives each rank its own share."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}: give how many samples predict draws.")
+    dataset = loader.dataset
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        raise ValueError(
+            f"--num_samples needs a predict data set with a length and items by index, got {type(dataset).__name__} "
+            "(or an empty one); leave --num_samples out to draw one sample per predict image."
+        )
+    return DataLoader(
+        _Repeated(dataset, num_samples),
+        batch_size=loader.batch_size or 1,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+
+
 def _save_png(grid: Tensor, path: Path, scale: int = 1) -> None:
     """Saves a uint8 (C, H, W) grid as a PNG, ``scale`` times enlarged (nearest neighbour) so that small images stay
     visible: each pixel repeated, since ``save_image`` does not resize."""
@@ -134,7 +189,8 @@ def _save_png(grid: Tensor, path: Path, scale: int = 1) -> None:
 
 class SampleWriter(BasePredictionWriter):
     """Writes what ``mulan-cli predict`` generated to ``output_dir``: ``samples.npz`` (uint8 (N, C, H, W) under
-    ``samples``), ``samples.png`` (a grid) and, for per-dimension schedules, ``schedule_maps.png`` (log-SNR maps
+    ``samples``), ``samples.png`` (a grid of the first 256, enlarged by the whole factor of :func:`grid_scale`, each
+    pixel repeated) and, for per-dimension schedules, ``schedule_maps.png`` (log-SNR maps
     of the first predict images) and ``snr_variance.png``. Under DDP each rank writes its own ``rank{r}`` files."""
 
     def __init__(self, output_dir: str = "samples") -> None:
@@ -151,7 +207,8 @@ class SampleWriter(BasePredictionWriter):
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         samples = torch.cat([p.cpu() for p in predictions])
         np.savez_compressed(self.output_dir / f"samples{suffix}.npz", samples=samples.numpy())
-        _save_png(image_grid(samples[:256]), self.output_dir / f"samples{suffix}.png")
+        grid = image_grid(samples[:256])
+        _save_png(grid, self.output_dir / f"samples{suffix}.png", scale=grid_scale(grid.shape[-2], grid.shape[-1]))
         model = pl_module.model
         if model.process.multivariate and self._images is not None:
             schedule_maps(model, self._images.to(pl_module.device)).savefig(

@@ -209,6 +209,15 @@ class DiffusionTask(L.LightningModule):
     def on_test_end(self) -> None:
         self._release_random_state()
 
+    def on_predict_start(self) -> None:
+        self._hold_random_state()
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._seed_evaluation("predict", batch_idx, dataloader_idx)
+
+    def on_predict_end(self) -> None:
+        self._release_random_state()
+
     def _seed_evaluation(self, stage: str, batch_idx: int, dataloader_idx: int) -> None:
         """Seed an evaluation batch's draws (times, noise, latents) from (run seed, stage, loader, global batch
         position ``batch_idx * world_size + rank``): a test after fit, ``mulan-cli test`` and a repeated test of the
@@ -254,7 +263,9 @@ class DiffusionTask(L.LightningModule):
 
     def predict_step(self, batch: Tensor | tuple, batch_idx: int) -> Tensor:
         """As many samples of ``sampler`` at ``sample_steps`` (uint8 (B, C, H, W), ``z`` from the prior; given the
-        batch's ``y`` for conditional data) as the batch has images."""
+        batch's ``y`` for conditional data) as the batch has images. Each batch's draws are seeded from (run seed,
+        ``"predict"``, loader, global batch position), so the same checkpoint, seed and batches give the same
+        samples, and DDP ranks draw apart."""
         images, y = split_batch(batch)
         return SAMPLERS[self.sampler](self.model, images.shape[0], steps=self.sample_steps, y=y).samples
 

@@ -8,6 +8,7 @@ from mulan.lightning.data.embedded import EmbeddedDataModule, SyntheticDataModul
 from mulan.lightning.data.folder import ImageFolderDataModule
 from mulan.lightning.data.imagenet import ImageNet32DataModule
 from mulan.lightning.data.mnist import MNISTDataModule
+from mulan.lightning.data.streaming import StreamingDataModule
 from mulan.lightning.data.superres import SuperResolutionDataModule
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "split_indices",
     "digits_images",
     "photo_crops",
+    "StreamingDataModule",
 ]

@@ -72,7 +72,7 @@ class ArrayDataModule(ImageDataModule):
         layout: ``"NCHW"`` or ``"NHWC"`` for 4-D arrays; ``"auto"`` tells them apart by which axis has 1 or 3
             entries. 3-D arrays are always (N, H, W) grayscale.
         val_fraction, test_fraction, seed: the split by seed (ignored when the ``.npz`` has ``train``).
-        batch_size, eval_batch_size, num_workers, shuffle_seed: see :class:`ImageDataModule`.
+        batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip: see :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -87,8 +87,9 @@ class ArrayDataModule(ImageDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        random_flip: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip)
         if layout not in ("auto", "NCHW", "NHWC"):
             raise ValueError(f"ArrayDataModule: layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}.")
         hash_split([], val_fraction, test_fraction, seed)  # validates the fractions early

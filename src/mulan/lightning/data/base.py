@@ -7,7 +7,10 @@ Contract shared by every data module of :mod:`mulan.lightning.data`:
   values in ``0..255`` (conditional data modules yield ``(images, y)`` pairs);
 * ``image_shape`` is the ``(C, H, W)`` of one image, known right after ``__init__`` without touching the disk
   (the CLI links it into the model);
-* ``__init__`` calls ``save_hyperparameters()`` so a checkpoint can rebuild it.
+* ``__init__`` calls ``save_hyperparameters()`` so a checkpoint can rebuild it;
+* ``random_flip`` (off by default) mirrors each training image left-right with probability 1/2, drawn per image
+  when the batch is collated; the val/test/predict loaders never flip (the bound is measured on the images as
+  they are).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from mulan.data import UInt8Images, check_images
 
@@ -95,6 +98,47 @@ class ResumableLoader(DataLoader):
         return super().__iter__()
 
 
+class Collate:
+    """The collate function of every loader: leaves out items that are ``None`` (an image a data module skipped
+    as unreadable), stacks the rest with torch's ``default_collate`` and, with ``flip``, mirrors each image
+    left-right with probability 1/2 (torch's RNG of the process or worker that collates).
+
+    Batches are uint8 ``(B, C, H, W)`` or tuples whose tensors are all flipped with the same per-image draw (for
+    ``(x, y)`` pairs where ``y`` is an image of ``x``, e.g. its downsampled version: flipping commutes with block
+    averaging). A module-level class, so worker processes can pickle it.
+    """
+
+    def __init__(self, flip: bool = False) -> None:
+        self.flip = flip
+
+    def __call__(self, items: list[Any]) -> Any:
+        kept = [item for item in items if item is not None]
+        if not kept:
+            raise ValueError(
+                f"every one of the {len(items)} images of a batch was unreadable and skipped; the data set is broken "
+                "beyond skipping: check the files named in the warnings above."
+            )
+        batch = default_collate(kept)
+        return flip_halves(batch) if self.flip else batch
+
+
+def flip_halves(batch: Any) -> Any:
+    """Mirror (along W, the last axis) each image of ``batch`` with probability 1/2; a tuple/list batch flips all
+    its 4-D tensors with the same draws. Returns a new batch of the same shapes and dtypes."""
+    tensors = batch if isinstance(batch, (tuple, list)) else [batch]
+    size = int(tensors[0].shape[0])
+    chosen = torch.rand(size) < 0.5
+
+    def flip(tensor: Any) -> Any:
+        if not isinstance(tensor, Tensor) or tensor.ndim != 4:
+            return tensor
+        mask = chosen.view(-1, 1, 1, 1)
+        return torch.where(mask, tensor.flip(-1), tensor)
+
+    flipped = [flip(t) for t in tensors]
+    return type(batch)(flipped) if isinstance(batch, (tuple, list)) else flipped[0]
+
+
 def ensure_files(
     present: Callable[[], bool], download: bool, fetch: Callable[[], object], missing: Callable[[], str]
 ) -> None:
@@ -134,6 +178,8 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: data-loader worker processes.
         shuffle_seed: seed of the training order (default: the run's seed, ``torch.initial_seed()`` when built).
+        random_flip: mirror each training image left-right with probability 1/2 (a data augmentation; never on
+            val/test/predict). Off by default and in the paper configs.
     """
 
     def __init__(
@@ -142,6 +188,7 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        random_flip: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -155,6 +202,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.shuffle_seed = torch.initial_seed() % 2**63 if shuffle_seed is None else shuffle_seed
+        self.random_flip = bool(random_flip)
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -209,23 +257,29 @@ class ImageDataModule(L.LightningDataModule):
             self.datasets[split] = self._build(split)
         return self.datasets[split]
 
-    def _loader(self, dataset: Dataset, batch_size: int, drop_last: bool, sampler, kind=DataLoader) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, drop_last: bool, sampler, kind=DataLoader, flip: bool = False
+    ) -> DataLoader:
         return kind(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
+            collate_fn=Collate(flip),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled uint8 batches (batch_size, C, H, W) of the train split, resumable mid-epoch."""
+        """Shuffled uint8 batches (batch_size, C, H, W) of the train split, resumable mid-epoch; each image
+        mirrored with probability 1/2 when ``random_flip``."""
         dataset = self._dataset("train")
         full_batch = len(dataset) >= self.batch_size * _distributed()[0]  # type: ignore[arg-type]
         sampler = ResumableSampler(dataset, self.shuffle_seed)
-        self._train_loader = self._loader(dataset, self.batch_size, full_batch, sampler, ResumableLoader)
+        self._train_loader = self._loader(
+            dataset, self.batch_size, full_batch, sampler, ResumableLoader, flip=self.random_flip
+        )
         return self._train_loader
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

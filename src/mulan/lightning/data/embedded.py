@@ -37,8 +37,9 @@ class EmbeddedDataModule(ImageDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        random_flip: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip)
         if source not in ("digits", "photos"):
             raise ValueError(f"EmbeddedDataModule: source must be 'digits' or 'photos', got {source!r}.")
         if interpolation not in ("nearest", "bilinear"):
@@ -101,8 +102,9 @@ class SyntheticDataModule(ImageDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        random_flip: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"SyntheticDataModule: shape must be 3 positive ints (C, H, W), got {shape}.")
         self.save_hyperparameters()  # (named `shape`, not `image_shape`: that hyper-parameter is the model's)

@@ -11,13 +11,16 @@ Two layouts are recognised under ``root``:
   run's log directory.
 
 Every problem that can be seen without training (no images, unreadable files, mixed sizes without
-``image_size``, a colour mode that does not match ``channels``) is raised by ``__init__`` or ``setup`` with the
-file and the option that fixes it named.
+``image_size``, a colour mode that does not match ``channels``) is raised by ``__init__`` or ``setup`` (from each
+file's header) with the file and the option that fixes it named. The pixels are decoded when a batch is built, by
+the loader's workers (:class:`FolderImages`), so memory does not grow with the folder; ``on_unreadable: skip``
+leaves unreadable files out instead of stopping.
 """
 
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from mulan.data import hash_split, nhwc_to_nchw
 from mulan.lightning.data.base import SPLIT_METHOD, SPLITS, ImageDataModule, Split
@@ -104,8 +108,170 @@ def centre_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+class UnreadableImageError(ValueError):
+    """A file PIL cannot open or decode (not an image, truncated, corrupt): the one error ``on_unreadable: skip``
+    leaves out (a wrong size or colour mode is a configuration problem and is always refused)."""
+
+
+class ImageReader:
+    """Reads one file of a folder as uint8 ``(H, W, C)`` of ``image_shape``: oriented, converted, cropped, resized.
+
+    Holds only the options (paths and plain values), so DataLoader worker processes can pickle it. Every read
+    checks that image against the options (colour mode unless ``convert``, size when ``image_size`` is ``None``)
+    and names the file in the error.
+
+    Args:
+        root: the data folder (named in the messages).
+        image_shape: ``(C, H, W)`` of the images it returns.
+        channels: the ``channels`` option as given (``None``: taken from the first image), for the messages.
+        image_size, crop, interpolation, convert: as for :class:`ImageFolderDataModule`.
+        first: the reference image (the first training image) and its ``(PIL mode, (width, height))``, named when
+            another image differs from it.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        image_shape: tuple[int, int, int],
+        channels: int | None,
+        image_size: int | None,
+        crop: str,
+        interpolation: str,
+        convert: bool,
+        first: tuple[Path, str, tuple[int, int]],
+    ) -> None:
+        self.root, self.image_shape, self.channels = root, image_shape, channels
+        self.image_size, self.crop, self.interpolation, self.convert = image_size, crop, interpolation, convert
+        self.first = first
+
+    def unreadable(self, path: Path, error: BaseException) -> UnreadableImageError:
+        return UnreadableImageError(
+            f"ImageFolderDataModule: cannot read the image {path} ({type(error).__name__}: "
+            f"{' '.join(str(error).split())}). Delete or replace the file, move it out of {self.root}, or set "
+            "`on_unreadable: skip` (--data.init_args.on_unreadable skip) to leave unreadable files out."
+        )
+
+    def open(self, path: Path) -> Image.Image:
+        try:
+            return Image.open(path)
+        except READ_ERRORS as error:
+            raise self.unreadable(path, error) from error
+
+    def header(self, path: Path) -> tuple[str, tuple[int, int]]:
+        """``(PIL mode, (width, height))`` of an image file, from its header (the pixels are not decoded)."""
+        with self.open(path) as image:
+            try:
+                return image.mode, oriented_size(image)
+            except READ_ERRORS as error:
+                raise self.unreadable(path, error) from error
+
+    def check(self, path: Path, mode: str, size: tuple[int, int]) -> None:
+        """Refuse a file whose colour mode differs from ``image_shape``'s (unless ``convert``) or, without
+        ``image_size``, whose size differs from the first image's."""
+        channels = readable_channels(path, mode)
+        first, first_mode, first_size = self.first
+        if channels != self.image_shape[0] and not self.convert:
+            raise ValueError(self._mode_message(path, mode, first, first_mode))
+        if self.image_size is None and size != first_size:
+            raise ValueError(
+                f"ImageFolderDataModule: the images under {self.root} have different sizes: {first} is "
+                f"{first_size[0]}x{first_size[1]} and {path} is {size[0]}x{size[1]} (width x height). Set "
+                "`image_size` to centre-crop and resize every image to one size, e.g. "
+                f"--data.init_args.image_size {min(*first_size, *size)}."
+            )
+
+    def _mode_message(self, path: Path, mode: str, first: Path, first_mode: str) -> str:
+        c = self.image_shape[0]
+        target, other = ("RGB", "grayscale") if c == 3 else ("grayscale", "colour")
+        if self.channels is None:
+            return (
+                f"ImageFolderDataModule: the images under {self.root} mix colour modes: {first} is "
+                f"{describe_mode(first_mode)} and {path} is {describe_mode(mode)}. Set `channels` "
+                f"(--data.init_args.channels 1 or 3) and `convert: true` (--data.init_args.convert true) to convert "
+                "every image to one mode."
+            )
+        return (
+            f"ImageFolderDataModule: {path} is {describe_mode(mode)} but channels={c} (image_shape "
+            f"{self.image_shape}). Set `channels: {4 - c}` (--data.init_args.channels {4 - c}) if your data is "
+            f"{other}, or set `convert: true` (--data.init_args.convert true) to convert every image to {target}."
+        )
+
+    def read(self, path: Path) -> np.ndarray:
+        """One image as uint8 (H, W, C) of ``image_shape``, checked (:meth:`check`) before it is decoded.
+
+        Raises:
+            UnreadableImageError: PIL cannot open or decode the file (named).
+            ValueError: the file's colour mode or size does not match (named, with the option that fixes it).
+        """
+        channels, height, width = self.image_shape
+        with self.open(path) as image:
+            try:
+                mode, size = image.mode, oriented_size(image)
+            except READ_ERRORS as error:
+                raise self.unreadable(path, error) from error
+            self.check(path, mode, size)
+            try:
+                image.load()
+                picture = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+            except READ_ERRORS as error:
+                raise self.unreadable(path, error) from error
+        if self.image_size is not None:
+            if self.crop == "centre":
+                picture = centre_square(picture)
+            if picture.size != (width, height):
+                picture = picture.resize((width, height), RESAMPLING[self.interpolation])
+        array = np.array(picture, dtype=np.uint8)  # a writable copy
+        return array.reshape(height, width, channels)
+
+
+def readable_channels(path: Path, mode: str) -> int:
+    """1 or 3 for an 8-bit PIL mode; a ValueError naming ``path`` for 16-bit and float images."""
+    channels = mode_channels(mode)
+    if channels is None:
+        raise ValueError(
+            f"ImageFolderDataModule: {path} is not an 8-bit image ({describe_mode(mode)}; 16-bit and float "
+            "images are not supported). mulan models 8-bit pixels: save it as an 8-bit grayscale or RGB image."
+        )
+    return channels
+
+
+class FolderImages(Dataset):
+    """The images of one split, decoded when indexed (by the loader's worker processes), never held in memory.
+
+    ``dataset[i]`` is the uint8 ``(C, H, W)`` tensor of ``files[i]`` (:meth:`ImageReader.read`). With
+    ``skip_unreadable``, a file that cannot be decoded gives ``None`` instead (the loaders' collate leaves it out,
+    so that batch is one image short) and a warning naming it; otherwise its error is raised.
+    """
+
+    def __init__(self, files: Sequence[Path], reader: ImageReader, skip_unreadable: bool = False) -> None:
+        self.files, self.reader, self.skip_unreadable = list(files), reader, skip_unreadable
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor | None:
+        path = self.files[index]
+        try:
+            array = self.reader.read(path)
+        except UnreadableImageError as error:
+            if not self.skip_unreadable:
+                raise
+            warnings.warn(f"{error} Skipped (on_unreadable='skip').", stacklevel=2)
+            return None
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+    def decode_all(self) -> Tensor:
+        """Every image of the split decoded, uint8 (N, C, H, W) (N x C x H x W bytes: for small sets, tests, or
+        writing an ``.npz``); unreadable files raise even with ``skip_unreadable``."""
+        channels, height, width = self.reader.image_shape
+        images = np.empty((len(self.files), height, width, channels), dtype=np.uint8)
+        for i, path in enumerate(self.files):
+            images[i] = self.reader.read(path)
+        return nhwc_to_nchw(images) if len(self.files) else torch.empty(0, channels, height, width, dtype=torch.uint8)
+
+
 class ImageFolderDataModule(ImageDataModule):
-    """A folder of PNG/JPEG images as uint8 images (C, H, W).
+    """A folder of PNG/JPEG images as uint8 images (C, H, W), decoded lazily by the loaders' workers.
 
     Args:
         root: the folder (see the module docstring for the two layouts).
@@ -122,10 +288,15 @@ class ImageFolderDataModule(ImageDataModule):
         val_fraction, test_fraction, seed: the split by a hash of each file's relative path and ``seed``
             (ignored when ``root`` has ``train/``); stable when images are added.
         extensions: file suffixes read as images (case-insensitive).
-        batch_size, eval_batch_size, num_workers, shuffle_seed: see :class:`ImageDataModule`.
+        on_unreadable: ``"refuse"`` (default): a file PIL cannot open or decode stops the run with an error naming
+            it; ``"skip"``: such files are left out: those whose header is unreadable at ``setup`` (one warning
+            with the count and the first names; listed under ``skipped`` in ``split.json``), those that fail later
+            when decoded (truncated pixels) with a warning each, their batch one image short.
+        batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip: see :class:`ImageDataModule`.
 
-    Alpha channels are dropped and the EXIF orientation of photos is applied. Every image is decoded into
-    memory at ``setup`` (N x C x H x W bytes per split).
+    ``setup`` reads every file's header (mode and size, no pixels) and refuses wrong modes and sizes before the
+    first step; the pixels are decoded when a batch is built (by ``num_workers`` worker processes), so memory
+    does not grow with the folder; each read checks its image again and names the file in any error.
     """
 
     def __init__(
@@ -140,13 +311,17 @@ class ImageFolderDataModule(ImageDataModule):
         test_fraction: float = 0.1,
         seed: int = 0,
         extensions: Sequence[str] = (".png", ".jpg", ".jpeg"),
+        on_unreadable: Literal["refuse", "skip"] = "refuse",
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        random_flip: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip)
         self._check_options(channels, image_size, crop, interpolation)
+        if on_unreadable not in ("refuse", "skip"):
+            raise ValueError(f"ImageFolderDataModule: on_unreadable must be 'refuse' or 'skip', got {on_unreadable!r}.")
         hash_split([], val_fraction, test_fraction, seed)  # validates the fractions early
         self.save_hyperparameters()
         self.root = Path(root)
@@ -154,8 +329,10 @@ class ImageFolderDataModule(ImageDataModule):
         self.interpolation, self.convert = interpolation, convert
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.extensions = tuple(extensions)
+        self.on_unreadable = on_unreadable
+        self.skipped: list[Path] = []
         self.files: dict[Split, list[Path]] = self._split_files()
-        self._image_shape = self._first_image_shape()
+        self.reader = self._first_image_reader()
         self._headers_checked = False
 
     @staticmethod
@@ -224,110 +401,80 @@ class ImageFolderDataModule(ImageDataModule):
         return list(dict.fromkeys(f for split in SPLITS for f in self.files[split]))
 
     # ------------------------------------------------------------------------------------------ headers
-    def _open(self, path: Path) -> Image.Image:
-        try:
-            return Image.open(path)
-        except READ_ERRORS as error:
-            raise ValueError(self._unreadable(path, error)) from error
-
-    def _header(self, path: Path) -> tuple[str, tuple[int, int]]:
-        """``(PIL mode, (width, height))`` of an image file, from its header (the pixels are not decoded)."""
-        with self._open(path) as image:
+    def _first_image_reader(self) -> ImageReader:
+        """The reader, with (C, H, W) from the options or from the header of the first (readable, with ``skip``)
+        training image."""
+        for first in self.files["train"]:
+            probe = ImageReader(self.root, (3, 1, 1), None, None, "none", "nearest", False, (first, "", (0, 0)))
             try:
-                return image.mode, oriented_size(image)
-            except READ_ERRORS as error:
-                raise ValueError(self._unreadable(path, error)) from error
-
-    def _unreadable(self, path: Path, error: BaseException) -> str:
-        return (
-            f"ImageFolderDataModule: cannot read the image {path} ({type(error).__name__}: {error}). Delete or "
-            f"replace the file, or move it out of {self.root}."
-        )
-
-    def _first_image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) from the options, or from the header of the first training image."""
-        first = self.files["train"][0]
-        mode, (width, height) = self._header(first)
-        channels = self.channels or self._readable_channels(first, mode)
-        if self.image_size is not None:
-            return (channels, self.image_size, self.image_size)
-        return (channels, height, width)
-
-    def _readable_channels(self, path: Path, mode: str) -> int:
-        channels = mode_channels(mode)
-        if channels is None:
-            raise ValueError(
-                f"ImageFolderDataModule: {path} is not an 8-bit image ({describe_mode(mode)}; 16-bit and float "
-                "images are not supported). mulan models 8-bit pixels: save it as an 8-bit grayscale or RGB image."
+                mode, (width, height) = probe.header(first)
+            except UnreadableImageError:
+                if self.on_unreadable == "skip":
+                    continue
+                raise
+            channels = self.channels or readable_channels(first, mode)
+            side = self.image_size
+            shape = (channels, height, width) if side is None else (channels, side, side)
+            return ImageReader(
+                self.root,
+                shape,
+                self.channels,
+                self.image_size,
+                self.crop,
+                self.interpolation,
+                self.convert,
+                (first, mode, (width, height)),
             )
-        return channels
+        raise ValueError(
+            f"ImageFolderDataModule: no readable image in the train split of {self.root} (on_unreadable='skip' left "
+            f"out all {len(self.files['train'])}). Replace the broken files."
+        )
 
     def check_files(self) -> None:
-        """Read the header of every file (no pixels) and refuse unreadable files, colour modes other than
-        ``image_shape``'s (unless ``convert``) and, without ``image_size``, sizes other than the first image's."""
-        first = self.files["train"][0]
-        first_mode, first_size = self._header(first)
+        """Read the header of every file (no pixels): unreadable files are refused (or, with
+        ``on_unreadable: skip``, left out of ``files`` and reported once); colour modes other than
+        ``image_shape``'s (unless ``convert``) and, without ``image_size``, sizes other than the first image's are
+        refused."""
+        unreadable: list[Path] = []
         for path in self._all_files():
-            mode, size = self._header(path)
-            channels = self._readable_channels(path, mode)
-            if channels != self.image_shape[0] and not self.convert:
-                raise ValueError(self._mode_message(path, mode, first, first_mode))
-            if self.image_size is None and size != first_size:
-                raise ValueError(
-                    f"ImageFolderDataModule: the images under {self.root} have different sizes: {first} is "
-                    f"{first_size[0]}x{first_size[1]} and {path} is {size[0]}x{size[1]} (width x height). Set "
-                    "`image_size` to centre-crop and resize every image to one size, e.g. "
-                    f"--data.init_args.image_size {min(*first_size, *size)}."
-                )
-        self._headers_checked = True
-
-    def _mode_message(self, path: Path, mode: str, first: Path, first_mode: str) -> str:
-        c = self.image_shape[0]
-        target, other = ("RGB", "grayscale") if c == 3 else ("grayscale", "colour")
-        if self.channels is None:
-            return (
-                f"ImageFolderDataModule: the images under {self.root} mix colour modes: {first} is "
-                f"{describe_mode(first_mode)} and {path} is {describe_mode(mode)}. Set `channels` "
-                f"(--data.init_args.channels 1 or 3) and `convert: true` (--data.init_args.convert true) to convert "
-                "every image to one mode."
+            try:
+                mode, size = self.reader.header(path)
+            except UnreadableImageError:
+                if self.on_unreadable != "skip":
+                    raise
+                unreadable.append(path)
+                continue
+            self.reader.check(path, mode, size)
+        if unreadable:
+            left_out = set(unreadable)
+            self.files = {split: [f for f in files if f not in left_out] for split, files in self.files.items()}
+            self.skipped = unreadable
+            names = ", ".join(str(p.relative_to(self.root)) for p in unreadable[:5])
+            more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+            warnings.warn(
+                f"ImageFolderDataModule: skipped {len(unreadable)} unreadable file(s) under {self.root} "
+                f"(on_unreadable='skip'): {names}{more}. They are listed under 'skipped' in split.json.",
+                stacklevel=2,
             )
-        return (
-            f"ImageFolderDataModule: {path} is {describe_mode(mode)} but channels={c} (image_shape "
-            f"{self.image_shape}). Set `channels: {4 - c}` (--data.init_args.channels {4 - c}) if your data is "
-            f"{other}, or set `convert: true` (--data.init_args.convert true) to convert every image to {target}."
-        )
+        self._headers_checked = True
 
     # ------------------------------------------------------------------------------------------ pixels
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self._image_shape
+        return self.reader.image_shape
 
     def read_image(self, path: Path) -> np.ndarray:
         """One image as uint8 (H, W, C) of ``image_shape``: oriented, converted, cropped and resized."""
-        channels, height, width = self.image_shape
-        with self._open(path) as image:
-            try:
-                image.load()
-                picture = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
-            except READ_ERRORS as error:
-                raise ValueError(self._unreadable(path, error)) from error
-        if self.image_size is not None:
-            if self.crop == "centre":
-                picture = centre_square(picture)
-            if picture.size != (width, height):
-                picture = picture.resize((width, height), RESAMPLING[self.interpolation])
-        array = np.asarray(picture, dtype=np.uint8)
-        return array.reshape(height, width, channels)
+        return self.reader.read(path)
 
-    def _load_split(self, split: Split) -> Tensor:
+    def _build(self, split: Split) -> Dataset:
         if not self._headers_checked:
             self.check_files()
-        channels, height, width = self.image_shape
-        files = self.files[split]
-        images = np.empty((len(files), height, width, channels), dtype=np.uint8)
-        for i, path in enumerate(files):
-            images[i] = self.read_image(path)
-        return nhwc_to_nchw(images) if len(files) else torch.empty(0, *self.image_shape, dtype=torch.uint8)
+        if not self.files[split]:
+            raise ValueError(
+                f"ImageFolderDataModule: the '{split}' split is empty (0 images). {self._empty_hint(split)}".strip()
+            )
+        return FolderImages(self.files[split], self.reader, self.on_unreadable == "skip")
 
     def _empty_hint(self, split: Split) -> str:
         return f"Put images into {self.root}, or lower the fractions of the other splits."
@@ -344,4 +491,5 @@ class ImageFolderDataModule(ImageDataModule):
             "val_fraction": None if given else self.val_fraction,
             "test_fraction": None if given else self.test_fraction,
             "splits": {split: [p.relative_to(self.root).as_posix() for p in self.files[split]] for split in SPLITS},
+            "skipped": [p.relative_to(self.root).as_posix() for p in self.skipped],
         }

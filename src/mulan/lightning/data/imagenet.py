@@ -146,8 +146,9 @@ class ImageNet32DataModule(ImageDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        random_flip: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip)
         if version not in ("old", "new"):
             raise ValueError(f"ImageNet32DataModule: version must be 'old' or 'new', got {version!r}.")
         self.save_hyperparameters()

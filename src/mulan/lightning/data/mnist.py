@@ -37,8 +37,9 @@ class MNISTDataModule(ImageDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        random_flip: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip)
         self.save_hyperparameters()
         self.root = Path(root)
         self.download = download

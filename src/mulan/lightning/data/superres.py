@@ -48,7 +48,7 @@ class SuperResolutionDataModule(ImageDataModule):
         factor: the downsampling factor, 2 or 4 (``image_size`` must be a multiple of it).
         image_size: side ``s`` of the high-resolution crops.
         val_fraction, test_fraction, seed: the split.
-        batch_size, eval_batch_size, num_workers, shuffle_seed: see :class:`ImageDataModule`.
+        batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip: see :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -62,8 +62,9 @@ class SuperResolutionDataModule(ImageDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        random_flip: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed, random_flip)
         if factor not in (2, 4):
             raise ValueError(f"SuperResolutionDataModule: factor must be 2 or 4, got {factor}.")
         if not 1 <= image_size <= 427 or image_size % factor:
