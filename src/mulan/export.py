@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> Path:
         content = read_pretrained(folder)
         metrics = content.config["metrics"]
         bound = [f"{k} {v:.4f} ± {metrics[k + '_stderr']:.4f}" for k, v in metrics.items() if k + "_stderr" in metrics]
-        recorded = ", ".join(bound) or ("recorded without std. err." if metrics else "not evaluated")
+        recorded = ", ".join(bound) or ("recorded without a standard error" if metrics else "not evaluated")
         print(
             f"wrote {folder}/: config.json, model.safetensors ({len(content.tensors)} tensors, denoiser in "
             f"{content.config['dtype']}), README.md; {content.config['weights']} weights at step "
